@@ -119,7 +119,7 @@ def build(cfg: TinyConfig, info=None) -> Components:
     """The tiny recipe's components (everything on CPU; the trainer moves them)."""
     d, m = cfg.data, cfg.model
     schedule = VPSchedule.linear()
-    timesteps = cfg.sampler.timesteps if cfg.sampler.timesteps is not None else grid(cfg.sampler.steps)
+    timesteps = cfg.sampler.grid(grid)
     sampler = BackwardSimulationSampler(schedule, timesteps)
     means = mixture_means(d)
     teacher = MixtureTeacher(means, d.std, schedule)

@@ -16,7 +16,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..core.objective import DMD2Config
 
@@ -121,8 +121,17 @@ class SamplerConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"sampler.steps must be >= 1, got {self.steps}")
-        if self.timesteps is not None and len(self.timesteps) != self.steps:
+
+    def grid(self, default: Callable[[int], Sequence[float]]) -> list[float]:
+        """The grid: ``timesteps`` when set (its length must equal ``steps``), else ``default(steps)``.
+
+        Checked here, once all overrides are applied, so their order on the command line does not matter.
+        """
+        if self.timesteps is None:
+            return list(default(self.steps))
+        if len(self.timesteps) != self.steps:
             raise ValueError(f"sampler.timesteps has {len(self.timesteps)} entries but sampler.steps is {self.steps}")
+        return list(self.timesteps)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "wrap_trained", "shard_frozen", "set_trainable", "is_fsdp", "barrier",
+__all__ = ["DistInfo", "init_distributed", "wrap_trained", "shard_frozen", "Trainable", "is_fsdp", "barrier",
            "all_reduce_mean", "any_rank"]
 
 
@@ -78,17 +78,33 @@ def is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def set_trainable(modules: Iterable[nn.Module], flag: bool) -> None:
-    """Toggle ``requires_grad`` of every floating-point parameter (a frozen network accumulates no gradient).
+class Trainable:
+    """The parameters of ``modules`` that the recipe left trainable (``requires_grad``) when this was made,
+    looked up again by name so that the lookup survives wrapping (FSDP2 swaps in sharded parameters).
 
-    Safe under FSDP2 only because :func:`wrap_trained` runs FSDP's lazy initialisation while every parameter is
-    trainable (see there).
+    :meth:`set` freezes / unfreezes exactly those (a frozen network accumulates no gradient); parameters the recipe
+    froze (a LoRA base, say) stay frozen. Safe under FSDP2 because :func:`wrap_trained` runs FSDP's lazy
+    initialisation while the trainable set is unfrozen, and :meth:`set` reshards first so that the sharded
+    parameters (which FSDP2 copies onto the unsharded ones at every all-gather) carry the flag.
     """
-    for m in modules:
-        if is_fsdp(m):
-            m.reshard()  # toggle the sharded parameters: FSDP2 copies their flag onto the unsharded ones
-        for p in m.parameters():
-            if p.is_floating_point() and p.requires_grad != flag:
+
+    def __init__(self, modules: Iterable[nn.Module]):
+        self.modules = [m for m in modules if m is not None]
+        self.names = [[n for n, p in m.named_parameters() if p.requires_grad] for m in self.modules]
+
+    def parameters(self) -> list[nn.Parameter]:
+        out = []
+        for m, names in zip(self.modules, self.names):
+            params = dict(m.named_parameters())
+            out += [params[n] for n in names]
+        return out
+
+    def set(self, flag: bool) -> None:
+        for m in self.modules:
+            if is_fsdp(m):
+                m.reshard()
+        for p in self.parameters():
+            if p.requires_grad != flag:
                 p.requires_grad_(flag)
 
 
@@ -109,8 +125,6 @@ def wrap_trained(module: nn.Module, info: DistInfo, mixed_precision: str,
       transformer blocks) then on the root, with ``MixedPrecisionPolicy(bf16 params, fp32 reduce)`` under bf16.
     """
     module.to(info.device)
-    for p in module.parameters():
-        p.requires_grad_(p.is_floating_point())
     if info.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -38,7 +38,7 @@ from torch import nn
 from ..core import DMD2, EMA, BackwardSimulationSampler, CriticScheduler, GANHead, NoiseSchedule
 from . import checkpoint as ckpt
 from .config import RecipeConfig, config_to_json
-from .distributed import DistInfo, all_reduce_mean, any_rank, set_trainable, shard_frozen, wrap_trained
+from .distributed import DistInfo, Trainable, all_reduce_mean, any_rank, shard_frozen, wrap_trained
 from .monitor import RunMonitor
 
 __all__ = ["Components", "Trainer", "NonFiniteError", "derive_seed"]
@@ -157,6 +157,10 @@ class Trainer:
         self.accum = t.grad_accum
 
         gen, fake, head = components.generator, components.fake_score, components.gan_head
+        gen_names = [n for n, p in gen.named_parameters() if p.requires_grad]
+        critic_names = [[n for n, p in m.named_parameters() if p.requires_grad] for m in (fake, head) if m is not None]
+        if not gen_names or not critic_names[0]:
+            raise ValueError("Components: the generator and the fake score need trainable parameters (requires_grad=True)")
         if t.grad_checkpointing:
             _enable_grad_checkpointing(gen, components.checkpoint_units)
             _enable_grad_checkpointing(fake, components.checkpoint_units)
@@ -169,6 +173,10 @@ class Trainer:
             teacher = shard_frozen(teacher, self.info, components.fsdp_units)
         self.teacher = teacher
         self.critic_modules = nn.ModuleDict({"fake_score": fake, **({"gan_head": head} if head is not None else {})})
+        self.gen_trainable = Trainable([gen])
+        self.gen_trainable.names = [gen_names]
+        self.critic_trainable = Trainable([fake, head])
+        self.critic_trainable.names = critic_names
 
         ddp = self.info.mode == "ddp"
         layers = list(components.gan_layers)
@@ -183,9 +191,9 @@ class Trainer:
             self.obj_critic = self.obj_gen
 
         wd, betas, eps = t.weight_decay, tuple(t.betas), t.adam_eps
-        self.opt_gen = torch.optim.AdamW([p for p in gen.parameters() if p.requires_grad], lr=t.lr_generator,
+        self.opt_gen = torch.optim.AdamW(self.gen_trainable.parameters(), lr=t.lr_generator,
                                          betas=betas, eps=eps, weight_decay=wd)
-        self.opt_critic = torch.optim.AdamW([p for p in self.critic_modules.parameters() if p.requires_grad],
+        self.opt_critic = torch.optim.AdamW(self.critic_trainable.parameters(),
                                             lr=t.lr_critic, betas=betas, eps=eps, weight_decay=wd)
         self.ema = EMA(gen, t.ema_decay) if t.ema_decay is not None else None
         self.scheduler = CriticScheduler(cfg.critic.ratio)
@@ -258,8 +266,8 @@ class Trainer:
 
     # -- one update each ---------------------------------------------------------------------------------------
     def _generator_update(self, step: int) -> None:
-        set_trainable(self.critic_modules.values(), False)
-        set_trainable([self.gen], True)
+        self.critic_trainable.set(False)
+        self.gen_trainable.set(True)
         k = self.draw_k(step, _GEN)
         logs_sum: dict[str, torch.Tensor] = {}
         for m in range(self.accum):
@@ -274,7 +282,7 @@ class Trainer:
                     logs_sum[n] = logs_sum.get(n, 0) + v.float() / self.accum
         for group in self.opt_gen.param_groups:
             group["lr"] = self.cfg.train.lr_generator * self.lr_factor(step)
-        norm = self._clip(list(self.gen.parameters()))
+        norm = self._clip(self.gen_trainable.parameters())
         self.opt_gen.step()
         self.opt_gen.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -284,8 +292,8 @@ class Trainer:
         self._track("grad_norm_generator", norm, step)
 
     def _critic_update(self, step: int) -> None:
-        set_trainable([self.gen], False)
-        set_trainable(self.critic_modules.values(), True)
+        self.gen_trainable.set(False)
+        self.critic_trainable.set(True)
         k = self.draw_k(step, _CRITIC)
         logs_sum: dict[str, torch.Tensor] = {}
         b = self.cfg.train.batch_size
@@ -303,7 +311,7 @@ class Trainer:
                 logs_sum[n] = logs_sum.get(n, 0) + v.float() / self.accum
         for group in self.opt_critic.param_groups:
             group["lr"] = self.cfg.train.lr_critic * self.lr_factor(step)
-        norm = self._clip(list(self.critic_modules.parameters()))
+        norm = self._clip(self.critic_trainable.parameters())
         self.opt_critic.step()
         self.opt_critic.zero_grad(set_to_none=True)
         for n, v in logs_sum.items():
@@ -334,10 +342,11 @@ class Trainer:
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
             bad = torch.where(bad == big, torch.full_like(bad, -1), bad)
         vals = bad.tolist()
-        hits = [(s, n) for s, n in zip(vals, names) if s >= 0]
+        # losses before gradient norms: a NaN loss makes its gradient NaN in the same iteration
+        hits = sorted((s, n.startswith("grad_norm"), n) for s, n in zip(vals, names) if s >= 0)
         if hits:
-            s, n = min(hits)
-            raise NonFiniteError(f"non-finite {n} at iteration {s} (0-based; terms: {', '.join(f'{m}@{t}' for t, m in sorted(hits))}); "
+            s, _, n = hits[0]
+            raise NonFiniteError(f"non-finite {n} at iteration {s} (0-based; all: {', '.join(f'{m}@{t}' for t, _, m in hits)}); "
                                  f"the last good checkpoint in {self.out / 'checkpoints'} is untouched")
 
     def _log(self) -> None:
