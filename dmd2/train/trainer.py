@@ -245,14 +245,15 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
-    def _track(self, name: str, value: torch.Tensor, step: int) -> None:
+    def _track(self, name: str, value: torch.Tensor, tick: int) -> None:
+        """Accumulate a logged value and remember the first ``tick`` (``2 * step + phase``) it was non-finite."""
         v = value.detach().float().reshape(())
         if v.device != self.device:
             v = v.to(self.device)
         bad = self._bad.get(name)
         if bad is None:
             bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        self._bad[name] = torch.where((bad < 0) & ~torch.isfinite(v), torch.full_like(bad, step), bad)
+        self._bad[name] = torch.where((bad < 0) & ~torch.isfinite(v), torch.full_like(bad, tick), bad)
         self._acc[name] = self._acc.get(name, torch.zeros((), device=self.device)) + v
         self._cnt[name] = self._cnt.get(name, 0) + 1
 
@@ -288,8 +289,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.gen)
         for n, v in logs_sum.items():
-            self._track(n, v, step)
-        self._track("grad_norm_generator", norm, step)
+            self._track(n, v, 2 * step)
+        self._track("grad_norm_generator", norm, 2 * step)
 
     def _critic_update(self, step: int) -> None:
         self.gen_trainable.set(False)
@@ -315,8 +316,8 @@ class Trainer:
         self.opt_critic.step()
         self.opt_critic.zero_grad(set_to_none=True)
         for n, v in logs_sum.items():
-            self._track(n, v, step)
-        self._track("grad_norm_critic", norm, step)
+            self._track(n, v, 2 * step + 1)
+        self._track("grad_norm_critic", norm, 2 * step + 1)
 
     def train_step(self) -> None:
         """One iteration (see the module docstring)."""
@@ -338,15 +339,21 @@ class Trainer:
         if self.info.distributed:
             bad = bad.clone()
             big = torch.iinfo(torch.long).max
-            bad = torch.where(bad < 0, torch.full_like(bad, big), bad)
+            bad = torch.where(bad < 0, torch.full_like(bad, big), bad)  # earliest tick over ranks
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
             bad = torch.where(bad == big, torch.full_like(bad, -1), bad)
         vals = bad.tolist()
-        # losses before gradient norms: a NaN loss makes its gradient NaN in the same iteration
-        hits = sorted((s, n.startswith("grad_norm"), n) for s, n in zip(vals, names) if s >= 0)
+        # first in time (generator phase before critic phase); within a phase the loss terms before their sums,
+        # logits and gradient norms, which a NaN term makes NaN in the same phase
+        def rank(n):
+            return 3 if n.startswith("grad_norm") else 1 if n in ("loss_g", "loss_critic") else 0 if n.startswith("loss") else 2
+
+        hits = sorted((tick, rank(n), n) for tick, n in zip(vals, names) if tick >= 0)
         if hits:
-            s, _, n = hits[0]
-            raise NonFiniteError(f"non-finite {n} at iteration {s} (0-based; all: {', '.join(f'{m}@{t}' for t, _, m in hits)}); "
+            tick, _, n = hits[0]
+            phase = "generator" if tick % 2 == 0 else "critic"
+            raise NonFiniteError(f"non-finite {n} at iteration {tick // 2} ({phase} update; 0-based; all: "
+                                 f"{', '.join(f'{m}@{t // 2}' for t, _, m in hits)}); "
                                  f"the last good checkpoint in {self.out / 'checkpoints'} is untouched")
 
     def _log(self) -> None:
