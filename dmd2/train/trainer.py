@@ -485,7 +485,7 @@ class Trainer:
         if row is not None:
             off = 0
             for key, size in zip(rng["keys"], rng["sizes"]):
-                part = row[off: off + size].to(torch.uint8)
+                part = row[off: off + size].to(torch.uint8).clone()  # a fresh tensor: set_rng_state misreads offset views
                 off += size
                 if key == "cpu":
                     torch.set_rng_state(part)
