@@ -162,6 +162,7 @@ class ToyConfig:
     flip_sign: bool = False
     seed: int = 0
     hidden: int = 128
+    final_lr_frac: float = 0.1
 
 
 def student_sigmas(schedule: EDMSchedule, steps: int) -> list[float]:
@@ -199,6 +200,9 @@ def train(cfg: ToyConfig, mixture: Mixture = Mixture(), log_every: int = 0):
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator, betas=(0.0, 0.99))
     opt_c = torch.optim.Adam(fake.parameters(), lr=cfg.lr_critic, betas=(0.0, 0.99))
     sched = CriticScheduler(cfg.ratio)
+    # learning rates decay linearly to final_lr_frac of their start over the run (less end-of-run jitter)
+    decay = lambda it: 1.0 - (1.0 - cfg.final_lr_frac) * it / max(1, cfg.iters)  # noqa: E731
+    lr_sched = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_g, opt_c)]
     rng = torch.Generator().manual_seed(cfg.seed + 1)
     k_hist = [0] * cfg.steps
     t0 = time.perf_counter()
@@ -219,6 +223,8 @@ def train(cfg: ToyConfig, mixture: Mixture = Mixture(), log_every: int = 0):
         closs.backward()
         opt_c.step()
         generator.requires_grad_(True)
+        for s in lr_sched:
+            s.step()
         if log_every and it % log_every == 0:
             print(f"  iter {it:6d}  loss_fake {float(clogs['loss_fake']):.4f}", flush=True)
     return generator, sampler, {"k_histogram": k_hist, "seconds": time.perf_counter() - t0}

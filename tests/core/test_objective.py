@@ -112,7 +112,7 @@ def test_gan_weight_zero_generator_gradient_is_w_dm_dm_grad_over_numel(with_gan)
     real_x0, fake_x0 = teacher.calls[-1]["out"], fake.calls[0]["out"]
     expected = w * dm_grad(gen.P.detach(), real_x0, fake_x0) / gen.P.numel()
     # the surrogate forms x - (x - g) in fp32: its rounding error is ~ulp(|x|) / numel, hence the atol
-    atol = 4 * torch.finfo(torch.float32).eps * float(gen.P.abs().max()) * w / gen.P.numel()
+    atol = 4 * torch.finfo(torch.float32).eps * float(gen.P.detach().abs().max()) * w / gen.P.numel()
     torch.testing.assert_close(gen.P.grad, expected, rtol=1e-5, atol=atol)
 
 
