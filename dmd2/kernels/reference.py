@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dm_grad", "dm_loss", "cfg", "check_dm_inputs"]
+__all__ = [
+    "dm_grad", "dm_loss", "cfg", "check_dm_inputs",
+    "philox4x32_10", "uint32_to_uniform", "box_muller", "philox_normal",
+]
 
 
 def check_dm_inputs(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> None:
@@ -92,3 +95,127 @@ def cfg(uncond: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tensor) -
         )
     u, c = uncond.float(), cond.float()
     return (u + scale * (c - u)).to(cond.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Counter-based noise: Philox4x32-10 + Box-Muller, bit-compatible with ``triton.language.randn``.
+# ----------------------------------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9  # golden-ratio Weyl increments of the key (Salmon et al. 2011, "Random123")
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53  # round multipliers of Philox4x32
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_ROUNDS = 10
+_UNIFORM_SCALE = 4.6566127342e-10  # largest s with (2**31 - 1) * s < 1 in float32: maps int31 to [0, 1)
+_BOX_MULLER_MIN_U = 1.0e-7  # lower clamp of u1 before the log
+_TWO_PI = 6.283185307179586
+_MAX_COUNTER = 2**63  # counters (offset + i) and seeds stay in [0, 2**63): they fit a signed int64
+
+
+def _mul32(a: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` 32-bit halves of ``a * c`` for a 32-bit constant ``a`` and int64 tensor ``c`` in [0, 2**32).
+
+    Computed through 16-bit limbs of ``a`` so that no intermediate leaves int64 (no signed overflow).
+    """
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_hi = a_hi * c  # < 2**48
+    p_lo = a_lo * c  # < 2**48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    return hi, lo
+
+
+def philox4x32_10(seed: int, counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Philox4x32-10 (Salmon et al. 2011) on 64-bit counters, as ``triton.language.randint4x`` computes it.
+
+    The 128-bit counter is ``(c0, c1, c2, c3) = (lo32(n), hi32(n), 0, 0)`` for each element ``n`` of ``counter``;
+    the key is ``(k0, k1) = (lo32(seed), hi32(seed))``. Each of the 10 rounds does
+
+    .. math::
+        c_0' = \mathrm{hi}(B c_2) \oplus c_1 \oplus k_0,\quad c_2' = \mathrm{hi}(A c_0) \oplus c_3 \oplus k_1,\quad
+        c_1' = \mathrm{lo}(B c_2),\quad c_3' = \mathrm{lo}(A c_0)
+
+    with ``A = 0xD2511F53``, ``B = 0xCD9E8D57``, then bumps the key by ``(0x9E3779B9, 0xBB67AE85)`` mod 2**32.
+
+    Args:
+        seed: integer key in ``[0, 2**63)``.
+        counter: int64 tensor of counters in ``[0, 2**63)``, any shape.
+
+    Returns:
+        four int64 tensors shaped like ``counter`` holding the uint32 outputs ``(c0, c1, c2, c3)``.
+    """
+    if counter.dtype != torch.int64:
+        raise ValueError(f"philox4x32_10: counter must be an int64 tensor, got {counter.dtype}")
+    zero = torch.zeros_like(counter)
+    return _philox_rounds(counter & _MASK32, (counter >> 32) & _MASK32, zero, zero, seed & _MASK32, (seed >> 32) & _MASK32)
+
+
+def _philox_rounds(c0, c1, c2, c3, k0: int, k1: int):
+    """The 10 Philox4x32 rounds on uint32 words held in int64 tensors (see :func:`philox4x32_10`)."""
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uint32_to_uniform(u: torch.Tensor) -> torch.Tensor:
+    r"""Map uint32 values (held in int64) to float32 in ``[0, 1)`` exactly as Triton's ``uint_to_uniform_float``.
+
+    The bits are read as an int32 ``v``; negative values are folded with ``~v`` (so ``v`` lies in ``[0, 2**31)``),
+    converted to float32 (round to nearest) and multiplied in float32 by ``4.6566127342e-10``.
+    """
+    v = torch.where(u >= 2**31, u - 2**32, u)  # bit pattern as signed int32
+    v = torch.where(v < 0, -v - 1, v)  # ~v
+    return v.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=u.device)
+
+
+def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    r"""First output of the Box-Muller transform in float32, as Triton's ``pair_uniform_to_normal``:
+
+    .. math:: z = \sqrt{-2 \ln \max(10^{-7}, u_1)}\,\cos(2\pi u_2)
+    """
+    f32 = torch.float32
+    u1 = torch.clamp_min(u1, _BOX_MULLER_MIN_U)  # the bound rounds to float32, as in the kernel
+    th = torch.tensor(_TWO_PI, dtype=f32, device=u2.device) * u2
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(th)
+
+
+def _check_seed_offset(seed: int, offset: int, numel: int) -> None:
+    for name, v in (("seed", seed), ("offset", offset)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be a Python int, got {type(v).__name__}")
+        if not 0 <= v < _MAX_COUNTER:
+            raise ValueError(f"{name} must lie in [0, 2**63), got {v}")
+    if offset + numel > _MAX_COUNTER:
+        raise ValueError(f"offset + numel must not exceed 2**63, got offset={offset} with {numel} elements")
+
+
+def philox_normal(seed: int, offset: int, shape, device=None) -> torch.Tensor:
+    r"""Standard normal noise from the counter-based stream ``(seed, offset)``; float32, shape ``shape``.
+
+    Element ``i`` in row-major (flat) order equals Triton's ``tl.randn(seed, offset + i)`` with a 64-bit offset:
+    Philox4x32-10 (:func:`philox4x32_10`) on counter ``offset + i`` with key ``seed``, the first two uint32 outputs
+    mapped to uniforms (:func:`uint32_to_uniform`), then :func:`box_muller`. The integer stream and the uniforms are
+    bit-identical to Triton's; the normals agree up to the last-ulp differences of ``log`` / ``cos`` / ``sqrt``
+    between math libraries (CUDA's approximate intrinsics, numpy in the interpreter, PyTorch here).
+
+    Disjoint draws need disjoint counter ranges: a tensor of ``n`` elements consumes ``[offset, offset + n)``.
+    Because the noise is a pure function of ``(seed, offset)``, kernels regenerate it instead of storing it.
+
+    Args:
+        seed: integer in ``[0, 2**63)``.
+        offset: first counter, integer in ``[0, 2**63 - numel]``.
+        shape: output shape (an int or a sequence of ints).
+        device: output device (default: CPU).
+    """
+    shape = torch.Size([shape] if isinstance(shape, int) else shape)
+    n = shape.numel()
+    _check_seed_offset(seed, offset, n)
+    counter = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+    c0, c1, _, _ = philox4x32_10(seed, counter)
+    return box_muller(uint32_to_uniform(c0), uint32_to_uniform(c1)).reshape(shape)
