@@ -8,8 +8,13 @@ from .adm import (
     edm_imagenet64_config,
     mnist_adm_config,
 )
+from .edm_pickle import EDMPickleRefused, convert_edm_pickle, load_edm_adm, load_edm_pickle
 
 __all__ = [
+    "EDMPickleRefused",
+    "convert_edm_pickle",
+    "load_edm_adm",
+    "load_edm_pickle",
     "ADMConfig",
     "ADMNet",
     "bottleneck_name",
