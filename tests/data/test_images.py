@@ -91,7 +91,7 @@ def test_resolution_and_channels(tmp_path):
         ds[1]
     gray = ImageZipDataset(path, channels=1)[0][0]
     assert gray.shape == (1, 4, 4)
-    lum = np.asarray(Image.fromarray(files["a.png"]).convert("L"))
+    lum = np.array(Image.fromarray(files["a.png"]).convert("L"))
     torch.testing.assert_close(gray[0], torch.from_numpy(lum).float() / 127.5 - 1)
     rgba = {"c.png": np.zeros((2, 2, 4), np.uint8)}
     p2 = make_zip(tmp_path / "rgba.zip", rgba, [["c.png", 0]])
