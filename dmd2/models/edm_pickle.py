@@ -290,6 +290,20 @@ def _module_state(obj: Any, where: str) -> dict:
     return state
 
 
+def _checked_tensor(t: Any, name: str, kind: str) -> torch.Tensor:
+    """A plain CPU tensor lying inside its storage, detached (re-checked after unpickling: a pickle's BUILD opcode
+    can re-target a tensor through ``Tensor.__setstate__``)."""
+    if type(t) is not torch.Tensor or t.layout != torch.strided or t.device.type != "cpu":
+        raise ValueError(f"{name}: {kind} is {type(t).__name__}, expected a plain CPU tensor")
+    if t.numel():
+        if min(t.stride()) < 0:
+            raise ValueError(f"{name}: negative strides")
+        extent = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+        if extent * t.element_size() > t.untyped_storage().nbytes():
+            raise ValueError(f"{name}: {kind} extends beyond its storage")
+    return t.detach()
+
+
 def module_state_dict(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Flatten a reconstructed module record like ``nn.Module.state_dict()``: parameters, then persistent buffers,
     then children (in their stored order), dotted names."""
@@ -300,9 +314,7 @@ def module_state_dict(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
         for name, t in items.items():
             if t is None or (kind == "buffer" and name in non_persistent):
                 continue
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{prefix}{name}: {kind} is {type(t).__name__}, expected a tensor")
-            out[prefix + name] = t
+            out[prefix + name] = _checked_tensor(t, f"{prefix}{name}", kind)
     for name, child in state["_modules"].items():
         if child is not None:
             out.update(module_state_dict(child, f"{prefix}{name}."))

@@ -324,3 +324,35 @@ def test_labels_one_hot_passthrough(persistence, tmp_path):
     net = load_edm_adm(pkl)
     x, s = torch.randn(2, 3, 16, 16), torch.tensor([1.0, 1.0])
     torch.testing.assert_close(net(x, s, torch.tensor([2, 3])), net(x, s, F.one_hot(torch.tensor([2, 3]), 5).float()))
+
+
+class Retarget:
+    """BUILD on a rebuilt tensor: ``Tensor.__setstate__`` would re-point it (legacy 4-tuple state) past its storage."""
+
+    def __init__(self, storage):
+        self.storage = storage
+
+    def __reduce__(self):
+        from collections import OrderedDict
+
+        t = (torch._utils._rebuild_tensor_v2, (self.storage, 0, (2,), (1,), False, OrderedDict()))
+        return t + ((self.storage, 0, (1000,), (1,)),)
+
+
+def test_tensor_retargeted_by_setstate_is_caught(persistence):
+    ema = tiny_precond()
+    ema.model._buffers["extra"] = Retarget(torch.zeros(4).storage())
+    try:
+        sd, _ = edm_network_state_dict(io.BytesIO(edm_pickle_bytes(persistence, ema=ema)))
+    except ValueError as e:  # refused while unpickling, or caught by the post-load check
+        assert "storage" in str(e)
+    else:  # torch may have grown the storage instead: then the tensor must still lie within it
+        t = sd["model.extra"]
+        assert t.untyped_storage().nbytes() >= t.numel() * t.element_size()
+
+
+def test_non_tensor_parameter_entries_refused(persistence):
+    ema = tiny_precond()
+    ema.model._parameters["bogus"] = "not a tensor"
+    with pytest.raises(ValueError, match="model.bogus: parameter is str, expected a plain CPU tensor"):
+        edm_network_state_dict(io.BytesIO(edm_pickle_bytes(persistence, ema=ema)))
