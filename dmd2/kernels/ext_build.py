@@ -17,6 +17,7 @@ also carries the CPU kernels.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -237,6 +238,15 @@ def build(flavour: str, verbose: bool = False) -> Path:
     spec = build_spec(flavour)
     folder = cache_root() / spec.key
     folder.mkdir(parents=True, exist_ok=True)
+    if "torch.utils.cpp_extension" not in sys.modules:
+        # its import logs "No CUDA runtime is found" on GPU-less machines; that is expected for the CPU flavour
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            from torch.utils import cpp_extension
+        finally:
+            log.setLevel(level)
     from torch.utils import cpp_extension
 
     saved_home = cpp_extension.CUDA_HOME
