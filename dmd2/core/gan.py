@@ -1,0 +1,142 @@
+r"""The GAN head of DMD2 (Sec. 4.2) and forward-hook feature capture.
+
+DMD2 puts a small classification head on features of the fake-score network (its bottleneck) and trains it,
+together with that backbone, to tell diffused real images from diffused generator samples ("diffusion GAN").
+
+* :class:`GANHead`: a list of feature maps ``[(B, C_i, H_i, W_i), ...]`` (channel counts configured, any spatial size)
+  -> ``(B,)`` logits. Each map goes through ``depth`` blocks of strided 4x4 conv + GroupNorm + SiLU, a global
+  average pool and a linear layer; the per-map logits are summed.
+* :class:`FeatureHooks`: captures named submodule outputs with forward hooks (no patched ``forward``).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GANHead", "FeatureHooks"]
+
+
+def _groups(channels: int, max_groups: int = 32, min_per_group: int = 8) -> int:
+    """GroupNorm groups: at most ``max_groups`` and at least ``min_per_group`` channels per group, so the norm stays
+    informative on 1x1 maps (one channel per group would normalise every value to 0)."""
+    g = max(1, min(max_groups, channels // min_per_group))
+    while channels % g:
+        g -= 1
+    return g
+
+
+class _DownBlock(nn.Module):
+    """4x4 conv, stride 2 (stride 1 with same-padding on maps smaller than 2x2), GroupNorm, SiLU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size=4, stride=2, padding=1)
+        self.norm = nn.GroupNorm(_groups(cout), cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) >= 2:
+            x = self.conv(x)
+        else:  # keep the size: pad (1, 2) and slide with stride 1
+            x = F.conv2d(F.pad(x, (1, 2, 1, 2)), self.conv.weight, self.conv.bias)
+        return F.silu(self.norm(x))
+
+
+class GANHead(nn.Module):
+    """Discriminator head over feature maps of the fake-score network.
+
+    Args:
+        in_channels: channel count of each feature map, in the order they are passed.
+        hidden: width of the conv blocks.
+        depth: number of strided conv blocks per map.
+
+    ``forward(features: list of (B, C_i, H_i, W_i) or (B, C_i) tensors) -> (B,)`` logits (fp32). 2-d ``(B, C)``
+    features (e.g. from an MLP) are treated as 1x1 maps.
+    """
+
+    def __init__(self, in_channels: Sequence[int], hidden: int = 256, depth: int = 2):
+        super().__init__()
+        if len(in_channels) == 0 or any(int(c) < 1 for c in in_channels):
+            raise ValueError(f"GANHead: in_channels must be a non-empty list of positive ints, got {list(in_channels)}")
+        if depth < 1 or hidden < 1:
+            raise ValueError(f"GANHead: depth and hidden must be >= 1, got {depth}, {hidden}")
+        self.in_channels = [int(c) for c in in_channels]
+        self.branches = nn.ModuleList()
+        for c in self.in_channels:
+            blocks = [_DownBlock(c if i == 0 else hidden, hidden) for i in range(depth)]
+            self.branches.append(nn.Sequential(*blocks))
+        self.out = nn.ModuleList(nn.Linear(hidden, 1) for _ in self.in_channels)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(features) != len(self.in_channels):
+            raise ValueError(f"GANHead: expected {len(self.in_channels)} feature maps, got {len(features)}")
+        logits = None
+        for i, (f, branch, out) in enumerate(zip(features, self.branches, self.out)):
+            if f.dim() == 2:
+                f = f[:, :, None, None]
+            if f.dim() != 4 or f.shape[1] != self.in_channels[i]:
+                raise ValueError(
+                    f"GANHead: feature {i} must be (B, {self.in_channels[i]}, H, W) or (B, {self.in_channels[i]}), got {tuple(f.shape)}"
+                )
+            h = branch(f.to(out.weight.dtype))
+            li = out(h.mean(dim=(2, 3))).squeeze(1).float()
+            logits = li if logits is None else logits + li
+        return logits
+
+
+class FeatureHooks:
+    """Capture the outputs of named submodules of ``model`` during a forward pass.
+
+    >>> hooks = FeatureHooks(unet, ["mid_block"])
+    >>> x0, feats = hooks.run(denoiser, x_t, t, cond)   # feats: list of tensors, in ``layers`` order
+
+    Hooks are registered once and record only inside :meth:`run` / :meth:`capture`; call :meth:`remove` to detach.
+    A submodule that returns a tuple contributes its first element.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]):
+        if not layers:
+            raise ValueError("FeatureHooks: give at least one layer name")
+        names = dict(model.named_modules())
+        missing = [n for n in layers if n not in names]
+        if missing:
+            sample = [n for n in names if n][:40]
+            raise ValueError(f"FeatureHooks: no submodule named {missing}; some valid names: {sample}")
+        self.layers = list(layers)
+        self._store: dict[str, torch.Tensor] | None = None
+        self._handles = [names[n].register_forward_hook(self._make_hook(n)) for n in self.layers]
+
+    def _make_hook(self, name: str):
+        def hook(module, args, output):
+            if self._store is not None:
+                self._store[name] = output[0] if isinstance(output, (tuple, list)) else output
+
+        return hook
+
+    @contextmanager
+    def capture(self):
+        """Context in which forward passes record features; yields the list filled on exit of the forward."""
+        out: list[torch.Tensor] = []
+        self._store = {}
+        try:
+            yield out
+            missing = [n for n in self.layers if n not in self._store]
+            if missing:
+                raise RuntimeError(f"FeatureHooks: layers {missing} did not run during the forward pass")
+            out.extend(self._store[n] for n in self.layers)
+        finally:
+            self._store = None
+
+    def run(self, fn, *args, **kwargs):
+        """Call ``fn(*args, **kwargs)`` and return ``(output, features)``."""
+        with self.capture() as feats:
+            y = fn(*args, **kwargs)
+        return y, feats
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
