@@ -74,7 +74,7 @@ void dm_grad_cpu_typed(const at::Tensor& x, const at::Tensor& real_x0, const at:
     denom[b] = s / static_cast<float>(n) + epsf;
   }
 
-  // Pass 2: g = (fake_x0 - real_x0) / denom, elementwise.
+  // Pass 2: g = (fake_x0 - real_x0) * (1 / denom), elementwise.
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, c = task % chunks;
@@ -82,8 +82,9 @@ void dm_grad_cpu_typed(const at::Tensor& x, const at::Tensor& real_x0, const at:
       const T* __restrict__ f = fp + b * sf + j0;
       const T* __restrict__ r = rp + b * sr + j0;
       T* __restrict__ out = gp + b * n + j0;
-      const float d = denom[b];
-      for (int64_t j = 0; j < len; ++j) out[j] = static_cast<T>((to_f(f[j]) - to_f(r[j])) / d);
+      // one reciprocal per sample: a multiply per element vectorises far better than a divide (<= 1 ulp apart)
+      const float inv = 1.0f / denom[b];
+      for (int64_t j = 0; j < len; ++j) out[j] = static_cast<T>((to_f(f[j]) - to_f(r[j])) * inv);
     }
   });
 }
