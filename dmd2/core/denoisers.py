@@ -80,7 +80,8 @@ class EDMPrecond(nn.Module):
         label_dim: number of classes; when > 0, an integer ``cond`` of shape ``(B,)`` is one-hot encoded and a
             float ``(B, label_dim)`` cond is passed as is; 0 means unconditional (``cond`` must be None).
 
-    ``forward(x_t (B, C, H, W), sigma (B,), cond) -> x0_hat`` in the dtype of ``x_t``; the skip connection is fp32.
+    ``forward(x_t (B, C, H, W), sigma (B,), cond, **model_kwargs) -> x0_hat`` (extra keywords, e.g. a step index,
+    go to ``model``) in the dtype of ``x_t``; the skip connection is fp32.
     """
 
     def __init__(self, model: nn.Module, sigma_data: float = 0.5, label_dim: int = 0):
@@ -104,7 +105,7 @@ class EDMPrecond(nn.Module):
             raise ValueError(f"EDMPrecond: one-hot labels must have shape ({batch}, {self.label_dim}), got {tuple(cond.shape)}")
         return cond.float()
 
-    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Any = None, **model_kwargs) -> torch.Tensor:
         if sigma.dim() != 1 or sigma.shape[0] != x_t.shape[0]:
             raise ValueError(f"EDMPrecond: sigma must have shape ({x_t.shape[0]},), got {tuple(sigma.shape)}")
         s = sigma.float()
@@ -117,7 +118,8 @@ class EDMPrecond(nn.Module):
         xf = x_t.float()
         param = next(self.model.parameters(), None)
         dtype = xf.dtype if param is None else param.dtype  # under autocast the op casts further
-        f = self.model((expand_like(c_in, xf) * xf).to(dtype), c_noise, labels if labels is None else labels.to(dtype))
+        f = self.model((expand_like(c_in, xf) * xf).to(dtype), c_noise, labels if labels is None else labels.to(dtype),
+                       **model_kwargs)
         return (expand_like(c_skip, xf) * xf + expand_like(c_out, xf) * f.float()).to(x_t.dtype)
 
 

@@ -20,8 +20,10 @@ from torch import nn
 __all__ = ["GANHead", "FeatureHooks"]
 
 
-def _groups(channels: int, max_groups: int = 32) -> int:
-    g = min(max_groups, channels)
+def _groups(channels: int, max_groups: int = 32, min_per_group: int = 8) -> int:
+    """GroupNorm groups: at most ``max_groups`` and at least ``min_per_group`` channels per group, so the norm stays
+    informative on 1x1 maps (one channel per group would normalise every value to 0)."""
+    g = max(1, min(max_groups, channels // min_per_group))
     while channels % g:
         g -= 1
     return g

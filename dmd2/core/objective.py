@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .. import kernels
+
 from .critic import CriticScheduler
 from .gan import FeatureHooks, GANHead
 from .losses import denoising_loss, dm_loss, gan_discriminator_loss, gan_generator_loss
@@ -49,7 +51,13 @@ class DMD2Config:
         fake_step_conditioning: also give the fake score the student's 0-based step index, as keyword
             ``step_index`` (a ``(B,)`` long tensor) - one fake distribution per step of a multi-step student.
         dm_eps: the ``eps`` of ``dm_grad``'s normaliser.
-        impl: kernel implementation for the fused ops (see :mod:`dmd2.kernels`).
+        impl: kernel implementation for the fused ops (see :mod:`dmd2.kernels`): ``"auto"`` runs Triton on CUDA
+            tensors and the PyTorch reference elsewhere.
+        fused_ops: use the counter-based fused ops of :mod:`dmd2.kernels`: the objective's noise comes from the Philox
+            stream ``(noise_seed, DMD2.noise_offset)`` through ``noise_add`` (instead of ``torch.randn`` from
+            ``generator``; eps is never materialised), the DM term from ``fused_dm`` and the fake score's denoising
+            loss from ``denoise_loss``. Same math; a different (but reproducible) noise stream.
+        noise_seed: the Philox key of ``fused_ops`` noise.
     """
 
     dm_weight: float = 1.0
@@ -62,8 +70,12 @@ class DMD2Config:
     fake_step_conditioning: bool = False
     dm_eps: float = 1e-6
     impl: str = "auto"
+    fused_ops: bool = False
+    noise_seed: int = 0
 
     def __post_init__(self):
+        if not 0 <= self.noise_seed < 2**63:
+            raise ValueError(f"DMD2Config: noise_seed must lie in [0, 2**63), got {self.noise_seed}")
         for a, b in ((self.min_frac, self.max_frac), (self.gan_min_frac, self.gan_max_frac)):
             if not (0.0 <= a <= b <= 1.0):
                 raise ValueError(f"DMD2Config: noise ranges must satisfy 0 <= min <= max <= 1, got ({a}, {b})")
@@ -93,6 +105,9 @@ class DMD2:
         self.generator, self.fake_score, self.teacher = generator, fake_score, teacher
         self.schedule, self.sampler, self.config = schedule, sampler, config
         self.gan_head = gan_head
+        #: next Philox counter of ``fused_ops`` noise; each draw of n elements consumes [noise_offset, noise_offset + n).
+        #: Save it with a checkpoint to resume the same stream.
+        self.noise_offset = 0
         if gan_head is None:
             if config.gan_generator_weight > 0 or config.gan_discriminator_weight > 0:
                 raise ValueError("DMD2: GAN weights > 0 need a gan_head (and gan_layers)")
@@ -109,6 +124,16 @@ class DMD2:
         return self.gan_head is not None
 
     # -- helpers -----------------------------------------------------------------------------------------------
+    def _add_noise(self, x, t, generator):
+        """``x_t = alpha(t) x + sigma(t) eps`` with eps from ``generator``, or (``fused_ops``) from the Philox stream."""
+        c = self.config
+        if not c.fused_ops:
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            return self.schedule.add_noise(x, eps, t)
+        self.schedule.check_t(t)
+        offset, self.noise_offset = self.noise_offset, self.noise_offset + x.numel()
+        return kernels.noise_add(x, self.schedule.alpha(t), self.schedule.sigma(t), c.noise_seed, offset, impl=c.impl)
+
     def _fake(self, x_t, t, cond, k: int):
         if self.config.fake_step_conditioning:
             step = torch.full((x_t.shape[0],), k - 1, dtype=torch.long, device=x_t.device)
@@ -119,8 +144,7 @@ class DMD2:
         """GAN logits of the head on fake-score features at an independent diffusion-GAN time."""
         c = self.config
         t = self.schedule.sample_t(x.shape[0], c.gan_min_frac, c.gan_max_frac, generator=generator, device=x.device)
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_t = self.schedule.add_noise(x, eps, t)
+        x_t = self._add_noise(x, t, generator)
         _, feats = self.features.run(self._fake, x_t, t, cond, k)
         return self.gan_head(feats)
 
@@ -142,12 +166,15 @@ class DMD2:
         x, sim = self.generate(noise, cond, k, generator)
         b = x.shape[0]
         t = self.schedule.sample_t(b, c.min_frac, c.max_frac, generator=generator, device=x.device)
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         with torch.no_grad():
-            x_t = self.schedule.add_noise(x.detach(), eps, t)
+            x_t = self._add_noise(x.detach(), t, generator)
             real_x0 = self.teacher(x_t, t, cond)
             fake_x0 = self._fake(x_t, t, cond, sim.k)
-        loss_dm = dm_loss(x, real_x0.to(x.dtype), fake_x0.to(x.dtype), eps=c.dm_eps, impl=c.impl)
+        if c.fused_ops:
+            loss_dm = kernels.fused_dm(x, None, real_x0.to(x.dtype), None, fake_x0.to(x.dtype), eps=c.dm_eps,
+                                       impl=c.impl).loss
+        else:
+            loss_dm = dm_loss(x, real_x0.to(x.dtype), fake_x0.to(x.dtype), eps=c.dm_eps, impl=c.impl)
         loss = c.dm_weight * loss_dm
         logs = {"loss_dm": loss_dm.detach(), "k": torch.tensor(sim.k)}
         if self.has_gan:
@@ -172,10 +199,13 @@ class DMD2:
         x = x.detach()
         b = x.shape[0]
         t = self.schedule.sample_t(b, c.min_frac, c.max_frac, generator=generator, device=x.device)
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_t = self.schedule.add_noise(x, eps, t)
+        x_t = self._add_noise(x, t, generator)
         pred = self._fake(x_t, t, cond, sim.k)
-        loss_fake = denoising_loss(pred, x, t, self.schedule).mean()
+        if c.fused_ops:
+            weight = self.schedule.denoising_weight(t)
+            loss_fake = kernels.denoise_loss(pred, weight, "x0", x0=x.to(pred.dtype), impl=c.impl).mean()
+        else:
+            loss_fake = denoising_loss(pred, x, t, self.schedule).mean()
         loss = loss_fake
         logs = {"loss_fake": loss_fake.detach()}
         if self.has_gan:

@@ -9,12 +9,22 @@
 * ``"ext"``    - the compiled ``csrc`` extension (C++ on CPU tensors, CUDA on GPU tensors).
 
 An explicit implementation never falls back: it runs, or raises ``RuntimeError`` saying why.
-The environment variable ``DMD2_KERNEL_IMPL`` (one of the names above) overrides ``impl="auto"``.
+The environment variable ``DMD2_KERNEL_IMPL`` (one of the names above) overrides ``impl="auto"``, so one setting
+forces an implementation everywhere the library dispatches (``dmd2.core``, the trainer); an explicit ``impl=`` argument
+is left as it is.
+
+Ops (name in the registry: public wrapper, math in :mod:`dmd2.kernels.reference`):
+``"philox_normal"``, ``"noise_add"``, ``"fused_dm"``, ``"denoise_loss"``, ``"dm_grad"``, ``"dm_loss"``.
+
+Backends register with :func:`register`. An availability function returns ``None`` when the backend can run, or a
+reason string; it may take no argument, or the op's tensors / devices (``availability(*tensors)``) when whether it can
+run depends on them (Triton: CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -27,9 +37,37 @@ ENV_VAR = "DMD2_KERNEL_IMPL"
 _REGISTRY: dict[str, dict[str, Callable]] = {
     "dm_grad": {"torch": reference.dm_grad},
     "dm_loss": {"torch": reference.dm_loss},
+    "philox_normal": {"torch": reference.philox_normal},
+    "noise_add": {"torch": reference.noise_add},
+    "fused_dm": {"torch": reference.fused_dm},
+    "denoise_loss": {"torch": reference.denoise_loss},
 }
 # impl name -> zero-arg callable that returns None when usable, or a reason string.
-_AVAILABILITY: dict[str, Callable[[], str | None]] = {"torch": lambda: None}
+_AVAILABILITY: dict[str, Callable[..., str | None]] = {"torch": lambda: None}
+
+
+def _takes_args(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind == p.VAR_POSITIONAL or (p.kind in positional and p.default is p.empty) for p in params)
+
+
+def availability(impl: str, *tensors) -> str | None:
+    """``None`` if backend ``impl`` can run on ``tensors`` (tensors or devices), else the reason it cannot."""
+    fn = _AVAILABILITY.get(impl)
+    if fn is None:
+        return "no such backend is installed"
+    return fn(*tensors) if _takes_args(fn) else fn()
+
+
+def implementations(op: str) -> Sequence[str]:
+    """Names of the implementations registered for ``op`` (whether or not they can run here)."""
+    if not _backends_loaded:
+        _ensure_backends()
+    return tuple(_REGISTRY.get(op, {}))
 
 
 def register(op: str, impl: str, fn: Callable, availability: Callable[[], str | None] | None = None) -> None:
@@ -57,14 +95,27 @@ def _load_backends() -> None:
 _backends_loaded = False
 
 
-def resolve(op: str, impl: str, *tensors: torch.Tensor) -> Callable:
-    """Return the callable that runs ``op`` for ``tensors`` under ``impl`` (see module docstring)."""
+def _ensure_backends() -> None:
     global _backends_loaded
+    if not _backends_loaded:
+        _backends_loaded = True
+        _load_backends()
+
+
+def _is_cuda(t) -> bool:
+    if isinstance(t, torch.Tensor):
+        return t.is_cuda
+    if isinstance(t, (torch.device, str)):
+        return torch.device(t).type == "cuda"
+    return False
+
+
+def resolve(op: str, impl: str, *tensors) -> Callable:
+    """Return the callable that runs ``op`` for ``tensors`` (tensors or devices; ``None`` ignored) under ``impl``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if not _backends_loaded:
-        _load_backends()
-        _backends_loaded = True
+    _ensure_backends()
+    tensors = tuple(t for t in tensors if t is not None)
     if impl == "auto":
         forced = os.environ.get(ENV_VAR, "").strip()
         if forced:
@@ -75,14 +126,14 @@ def resolve(op: str, impl: str, *tensors: torch.Tensor) -> Callable:
     if impls is None:
         raise ValueError(f"unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
     if impl == "auto":
-        on_cuda = any(t.is_cuda for t in tensors)
-        if on_cuda and "triton" in impls and _AVAILABILITY.get("triton", lambda: "not registered")() is None:
+        on_cuda = any(_is_cuda(t) for t in tensors)
+        if on_cuda and "triton" in impls and availability("triton", *tensors) is None:
             return impls["triton"]
         return impls["torch"]
     if impl not in impls:
-        reason = _AVAILABILITY.get(impl, lambda: "no such backend is installed")()
+        reason = availability(impl, *tensors)
         raise RuntimeError(f"impl={impl!r} has no implementation of {op!r}: {reason or 'op not provided by this backend'}")
-    reason = _AVAILABILITY.get(impl, lambda: None)()
+    reason = availability(impl, *tensors) if impl in _AVAILABILITY else None
     if reason is not None:
         raise RuntimeError(f"impl={impl!r} requested for {op!r} but it cannot run: {reason}")
     return impls[impl]
@@ -98,6 +149,35 @@ def dm_loss(x, real_x0, fake_x0, eps: float = 1e-6, impl: str = "auto") -> torch
     return resolve("dm_loss", impl, x, real_x0, fake_x0)(x, real_x0, fake_x0, eps)
 
 
-cfg = reference.cfg
+def philox_normal(seed: int, offset: int, shape, device=None, impl: str = "auto") -> torch.Tensor:
+    """Float32 normal noise from the counter-based stream ``(seed, offset)``; see :func:`reference.philox_normal`."""
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    return resolve("philox_normal", impl, dev)(seed, offset, shape, device=dev)
 
-__all__ = ["IMPLS", "ENV_VAR", "register", "resolve", "dm_grad", "dm_loss", "cfg", "reference"]
+
+def noise_add(x0, alpha, sigma, seed: int, offset: int, impl: str = "auto") -> torch.Tensor:
+    """``x_t = alpha_b * x0 + sigma_b * eps(seed, offset)``; see :func:`reference.noise_add`."""
+    return resolve("noise_add", impl, x0, alpha, sigma)(x0, alpha, sigma, seed, offset)
+
+
+def fused_dm(
+    x, x_t, real_cond, real_uncond, fake, alpha=None, sigma=None, guidance_scale: float = 1.0,
+    prediction: str = "x0", eps: float = 1e-6, return_x0: bool = False, impl: str = "auto",
+) -> reference.FusedDMOutput:
+    """Guided real x0, fake x0, normaliser, DM gradient and surrogate loss in one op; see :func:`reference.fused_dm`."""
+    fn = resolve("fused_dm", impl, x, x_t, real_cond, real_uncond, fake, alpha, sigma)
+    return fn(x, x_t, real_cond, real_uncond, fake, alpha, sigma, guidance_scale, prediction, eps, return_x0)
+
+
+def denoise_loss(pred, weight, target: str = "eps", x0=None, seed=None, offset=None, impl: str = "auto") -> torch.Tensor:
+    """Per-sample weighted eps- or x0-MSE with eps regenerated from ``(seed, offset)``; see :func:`reference.denoise_loss`."""
+    return resolve("denoise_loss", impl, pred, weight, x0)(pred, weight, target, x0, seed, offset)
+
+
+cfg = reference.cfg
+FusedDMOutput = reference.FusedDMOutput
+
+__all__ = [
+    "IMPLS", "ENV_VAR", "register", "resolve", "availability", "implementations",
+    "dm_grad", "dm_loss", "philox_normal", "noise_add", "fused_dm", "FusedDMOutput", "denoise_loss", "cfg", "reference",
+]

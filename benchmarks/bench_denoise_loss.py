@@ -1,0 +1,31 @@
+"""Benchmark: the critic's per-sample denoising loss with eps regenerated from (seed, offset) (VP eps-MSE).
+
+Minimal traffic: forward reads pred (n); backward reads pred and writes its gradient (2 n); full: 3 n.
+"""
+import torch
+
+from harness import Op, elsize
+
+
+def setup(shape, dtype, device):
+    return {
+        "pred": torch.randn(shape, device=device).to(dtype).requires_grad_(),
+        "weight": torch.rand(shape[0], device=device),
+    }
+
+
+def call(fn, t):
+    return fn(t["pred"], t["weight"], "eps", None, 7, 0)
+
+
+def nbytes(mode, shape, dtype):
+    n = torch.Size(shape).numel() * elsize(dtype)
+    return {"forward": n, "backward": 2 * n, "full": 3 * n}[mode]
+
+
+OP = Op("denoise_loss", setup, call, nbytes)
+
+if __name__ == "__main__":
+    from run import main
+
+    main(["--ops", "denoise_loss"])

@@ -1,0 +1,160 @@
+"""Fused distribution matching (math: ``reference.fused_dm``, ``reference.dm_grad``, ``reference.dm_loss``).
+
+Two passes over memory, grid ``(blocks per sample, B)``:
+
+1. ``_dm_norm_kernel`` reads ``x``, the teacher predictions (and ``x_t``) and writes one partial sum of
+   ``|x - real_x0|`` per program;
+2. ``_dm_grad_kernel`` sums its sample's partials (a few dozen floats) into the normaliser, re-reads the inputs plus
+   ``fake``, writes ``g`` (optionally both x0 estimates) and one partial sum of ``g^2`` per program for the loss value.
+
+The autograd function's backward is ``grad_out * g / x.numel()``: the surrogate ``0.5 * mse(x, (x - g).detach())``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ._common import alloc, block_size, per_sample, rows
+
+
+@triton.jit
+def _real_x0(cond_ptr, uncond_ptr, xt_ptr, idx, mask, a, s, scale, HAS_UNCOND: tl.constexpr, PRED_EPS: tl.constexpr):
+    real = tl.load(cond_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if HAS_UNCOND:
+        u = tl.load(uncond_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        real = u + scale * (real - u)
+    if PRED_EPS:
+        xt = tl.load(xt_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        real = (xt - s * real) / a
+    return real
+
+
+@triton.jit
+def _dm_norm_kernel(
+    x_ptr, xt_ptr, cond_ptr, uncond_ptr, alpha_ptr, sigma_ptr, part_ptr, n, n_blocks, scale,
+    HAS_UNCOND: tl.constexpr, PRED_EPS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    cols = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    idx = b.to(tl.int64) * n + cols
+    a = 1.0
+    s = 0.0
+    if PRED_EPS:
+        a = tl.load(alpha_ptr + b)
+        s = tl.load(sigma_ptr + b)
+    real = _real_x0(cond_ptr, uncond_ptr, xt_ptr, idx, mask, a, s, scale, HAS_UNCOND, PRED_EPS)
+    x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    tl.store(part_ptr + b * n_blocks + pid, tl.sum(tl.where(mask, tl.abs(x - real), 0.0), axis=0))
+
+
+@triton.jit
+def _dm_grad_kernel(
+    xt_ptr, cond_ptr, uncond_ptr, fake_ptr, alpha_ptr, sigma_ptr, part_ptr, grad_ptr, norm_ptr, sq_ptr,
+    real_out_ptr, fake_out_ptr, n, n_blocks, scale, eps,
+    HAS_UNCOND: tl.constexpr, PRED_EPS: tl.constexpr, RETURN_X0: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCKS_POW2: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    j = tl.arange(0, BLOCKS_POW2)
+    total = tl.sum(tl.load(part_ptr + b * n_blocks + j, mask=j < n_blocks, other=0.0), axis=0)
+    norm = total / n + eps
+    cols = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    idx = b.to(tl.int64) * n + cols
+    a = 1.0
+    s = 0.0
+    if PRED_EPS:
+        a = tl.load(alpha_ptr + b)
+        s = tl.load(sigma_ptr + b)
+    real = _real_x0(cond_ptr, uncond_ptr, xt_ptr, idx, mask, a, s, scale, HAS_UNCOND, PRED_EPS)
+    fake = tl.load(fake_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if PRED_EPS:
+        xt = tl.load(xt_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        fake = (xt - s * fake) / a
+    g = (fake - real) / norm
+    tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    if RETURN_X0:
+        tl.store(real_out_ptr + idx, real.to(real_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(fake_out_ptr + idx, fake.to(fake_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(sq_ptr + b * n_blocks + pid, tl.sum(tl.where(mask, g * g, 0.0), axis=0))
+    tl.store(norm_ptr + b, norm, mask=pid == 0)
+
+
+def _launch(x, x_t, real_cond, real_uncond, fake, alpha, sigma, guidance_scale, prediction, eps, return_x0):
+    """Run both passes; returns ``(g, norm, sum of g^2 as a 0-d float32 tensor, real_x0, fake_x0)``."""
+    batch, dev = x.shape[0], x.device
+    pred_eps = prediction == "eps"
+    xr, cr, fr = rows(x, batch), rows(real_cond, batch), rows(fake, batch)
+    ur = rows(real_uncond, batch) if real_uncond is not None else None
+    xtr = rows(x_t, batch) if pred_eps else None
+    a = per_sample(alpha) if pred_eps else None
+    s = per_sample(sigma) if pred_eps else None
+    n = xr.shape[1]
+    block = block_size(max(n, 1))
+    n_blocks = triton.cdiv(n, block)
+    part = alloc((batch, n_blocks), torch.float32, dev)
+    sq = alloc((batch, n_blocks), torch.float32, dev)
+    grad = alloc(x.shape, x.dtype, dev)
+    norm = alloc((batch,), torch.float32, dev)
+    real_out = alloc(x.shape, x.dtype, dev) if return_x0 else None
+    fake_out = alloc(x.shape, x.dtype, dev) if return_x0 else None
+    if n == 0:
+        raise ValueError(f"fused_dm needs at least one element per sample, got x of shape {tuple(x.shape)}")
+    scale = float(guidance_scale)
+    flags = dict(HAS_UNCOND=ur is not None, PRED_EPS=pred_eps)
+    _dm_norm_kernel[(n_blocks, batch)](xr, xtr, cr, ur, a, s, part, n, n_blocks, scale, BLOCK=block, **flags)
+    _dm_grad_kernel[(n_blocks, batch)](
+        xtr, cr, ur, fr, a, s, part, grad, norm, sq, real_out, fake_out, n, n_blocks, scale, float(eps),
+        RETURN_X0=return_x0, BLOCK=block, BLOCKS_POW2=triton.next_power_of_2(n_blocks), **flags,
+    )
+    return grad, norm, sq.sum(), real_out, fake_out
+
+
+class _DMSurrogate(torch.autograd.Function):
+    """``loss = 0.5 * sum(g^2) / N`` (the value of ``0.5 * mse(x, x - g)``); ``d loss / d x = grad_out * g / N``."""
+
+    @staticmethod
+    def forward(ctx, x, g, sq_sum):
+        ctx.save_for_backward(g)
+        ctx.numel = x.numel()
+        return 0.5 * sq_sum / x.numel()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (g,) = ctx.saved_tensors
+        return (g * (grad_out / ctx.numel)).to(g.dtype), None, None
+
+
+def fused_dm(
+    x, x_t, real_cond, real_uncond, fake, alpha=None, sigma=None, guidance_scale=1.0, prediction="x0", eps=1e-6,
+    return_x0=False,
+) -> reference.FusedDMOutput:
+    """Triton version of :func:`dmd2.kernels.reference.fused_dm` (two passes over memory)."""
+    reference.check_fused_dm_inputs(x, x_t, real_cond, real_uncond, fake, alpha, sigma, guidance_scale, prediction)
+    g, norm, sq_sum, real_x0, fake_x0 = _launch(
+        x, x_t, real_cond, real_uncond, fake, alpha, sigma, guidance_scale, prediction, eps, return_x0
+    )
+    loss = _DMSurrogate.apply(x, g, sq_sum)
+    return reference.FusedDMOutput(loss, g, norm, real_x0, fake_x0)
+
+
+def dm_grad(x, real_x0, fake_x0, eps: float = 1e-6) -> torch.Tensor:
+    """Triton version of :func:`dmd2.kernels.reference.dm_grad` (``fused_dm`` without guidance or conversion)."""
+    reference.check_dm_inputs(x, real_x0, fake_x0)
+    if x.dim() == 1:  # (B,): one element per sample
+        x, real_x0, fake_x0 = x[:, None], real_x0[:, None], fake_x0[:, None]
+        return _launch(x, None, real_x0, None, fake_x0, None, None, 1.0, "x0", eps, False)[0][:, 0]
+    return _launch(x, None, real_x0, None, fake_x0, None, None, 1.0, "x0", eps, False)[0]
+
+
+def dm_loss(x, real_x0, fake_x0, eps: float = 1e-6) -> torch.Tensor:
+    """Triton version of :func:`dmd2.kernels.reference.dm_loss`."""
+    reference.check_dm_inputs(x, real_x0, fake_x0)
+    xx, rr, ff = (t[:, None] if x.dim() == 1 else t for t in (x, real_x0, fake_x0))
+    g, _, sq_sum, _, _ = _launch(xx, None, rr, None, ff, None, None, 1.0, "x0", eps, False)
+    return _DMSurrogate.apply(x, g.view(x.shape), sq_sum)
