@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from dmd2.train import checkpoint as ckpt
 
-from conftest import ROOT, assert_tree_equal, log_records, losses, torchrun, weights
+from train_helpers import ROOT, assert_tree_equal, log_records, losses, torchrun, weights
 
 pytestmark = pytest.mark.slow
 N = 8

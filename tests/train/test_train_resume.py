@@ -15,7 +15,7 @@ from dmd2.recipes import tiny
 from dmd2.train import NonFiniteError, Recipe, main
 from dmd2.train import checkpoint as ckpt
 
-from conftest import BASE, ROOT, assert_tree_equal, log_records, losses, run_inprocess, weights
+from train_helpers import BASE, ROOT, assert_tree_equal, log_records, losses, run_inprocess, weights
 
 N = 8
 
