@@ -1,0 +1,314 @@
+r"""MNIST, the embedded default: distil the shipped class-conditional EDM teacher into a 1-step (or N-step) student
+on two CPU cores, with no download (DMD2, Yin et al. 2024, Sec. 4-5 on a scale a laptop runs).
+
+Networks (all the teacher's architecture, :func:`dmd2.recipes.mnist_teacher.teacher_adm_config`, EDM preconditioning):
+
+* teacher ``D_real``: the shipped EMA weights (``dmd2/assets/mnist_teacher.safetensors``; ``teacher.path`` for another);
+* generator ``G`` and fake score ``D_fake``: both initialised from the teacher (paper Sec. 5);
+* GAN head ``H`` (:class:`~dmd2.core.GANHead`) on ``D_fake``'s bottleneck (``model.enc.8x8_block0``, 32 x 8 x 8),
+  diffusion GAN at an independent noise level (Sec. 4.2).
+
+The student's grid: 1 step = ``G(80 z; 80, y)`` (the paper's ImageNet-64 generator input); ``--steps N`` uses the
+first ``N`` sigmas of EDM's ``(N+1)``-point Karras grid (4 steps: 80, 17.5, 2.52, 0.170) with backward simulation
+(Sec. 4.4). Training follows the paper's recipe: TTUR with 5 critic updates per generator update, GAN weights
+3e-3 (G) / 1e-2 (D), AdamW (0.9, 0.999), weight decay 0.01, grad clip 10; the learning rate and batch are scaled to
+the small network and the CPU budget (presets below).
+
+Commands (``python -m dmd2.recipes.mnist [COMMAND] [--preset P] [--out DIR] [--steps N] [key=value ...]``):
+
+* ``train`` (default): distil, then evaluate into ``OUT/metrics.json`` (top-level keys ``real_train``,
+  ``teacher_ode``, ``teacher_1step``, ``student_1step`` and ``student_{N}step`` for ``--steps N > 1``; each with
+  ``fid``, ``fid_std``, ``kid``, ``label_accuracy``, ``nfe``, ``seconds`` and ``weights``: which weights were
+  evaluated), ``OUT/samples_side_by_side.png`` (rows: real, teacher ODE, teacher 1-step, student; columns: classes
+  0-9 twice) and a printed table. Protocol: :mod:`dmd2.eval.fid_mnist` (N = 1,000, 100 per class, seeds 0, 1, 2,
+  vs the held-out split). The teacher's rows are read from the JSON shipped next to its checkpoint when present
+  (computed once when it was trained), else computed (about 10 minutes on 2 cores).
+* ``evaluate``: the evaluation alone, on the newest checkpoint in ``OUT``.
+* ``teacher``: train a teacher into ``OUT`` (:mod:`dmd2.recipes.mnist_teacher`; overrides ``teacher.iters=...``),
+  then evaluate it and record the figures in ``OUT/teacher.json``.
+
+Presets: default (about 12 minutes of training + 1 minute of evaluation on 2 loaded cores), ``long`` (the same,
+about 2 hours), ``tiny`` (a few iterations, under a minute; used by the tests).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..core import BackwardSimulationSampler, EDMSchedule, GANHead
+from ..data.mnist import load_mnist
+from ..models.adm import bottleneck_name
+from ..train import Components, IndexedBatches, Recipe, RecipeConfig, main as train_main
+from .mnist_teacher import (DEFAULT_TEACHER, TeacherConfig, evaluate_teacher, load_teacher, metrics_entry,
+                            teacher_adm_config, train_teacher)
+
+__all__ = ["MNISTConfig", "MNISTModelConfig", "MNISTEvalConfig", "student_sigmas", "build", "evaluate_run",
+           "student_sampler", "RECIPE", "PRESETS", "main"]
+
+
+@dataclass(frozen=True)
+class MNISTModelConfig:
+    """GAN head on the fake score's bottleneck: ``gan_hidden`` channels, ``gan_depth`` strided blocks (8x8 -> 2x2)."""
+
+    gan_hidden: int = 64
+    gan_depth: int = 2
+
+
+@dataclass(frozen=True)
+class MNISTEvalConfig:
+    """Evaluation after training: ``enabled``; ``weights`` = ``"ema"`` (the generator's EMA) or ``"raw"``."""
+
+    enabled: bool = True
+    weights: str = "ema"
+
+    def __post_init__(self):
+        if self.weights not in ("ema", "raw"):
+            raise ValueError(f"eval.weights must be 'ema' or 'raw', got {self.weights!r}")
+
+
+@dataclass(frozen=True)
+class MNISTTeacherSection(TeacherConfig):
+    """``path``: the teacher checkpoint to distil (empty: the shipped one); the other fields train a teacher
+    (``python -m dmd2.recipes.mnist teacher``), see :class:`~dmd2.recipes.mnist_teacher.TeacherConfig`."""
+
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class MNISTConfig(RecipeConfig):
+    teacher: MNISTTeacherSection = field(default_factory=MNISTTeacherSection)
+    model: MNISTModelConfig = field(default_factory=MNISTModelConfig)
+    eval: MNISTEvalConfig = field(default_factory=MNISTEvalConfig)
+
+
+def student_sigmas(steps: int, schedule: EDMSchedule | None = None) -> list[float]:
+    """The student's grid: the first ``steps`` sigmas of the ``(steps + 1)``-point Karras grid (80 ... 0.002), i.e.
+    the noise levels an EDM sampler with ``steps + 1`` points visits before its final one. 1 -> [80.0]."""
+    schedule = schedule or EDMSchedule()
+    return [float(s) for s in schedule.karras_sigmas(steps + 1)[:steps]]
+
+
+def teacher_path(cfg: MNISTConfig) -> Path:
+    return Path(cfg.teacher.path) if cfg.teacher.path else DEFAULT_TEACHER
+
+
+class _TrainSplit:
+    """The train split as an indexable dataset of ``(image (1, 32, 32), label)``."""
+
+    def __init__(self):
+        self.images, self.labels = load_mnist("train")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.labels[i]
+
+
+def build(cfg: MNISTConfig, info=None) -> Components:
+    """Teacher (frozen), generator and fake score (copies of the teacher), GAN head, data, sampler."""
+    schedule = EDMSchedule(sigma_data=cfg.teacher.sigma_data)
+    teacher = load_teacher(teacher_path(cfg))
+    generator = copy.deepcopy(teacher).train().requires_grad_(True)
+    fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
+    sampler = BackwardSimulationSampler(schedule, cfg.sampler.grid(lambda n: student_sigmas(n, schedule)))
+    layer = bottleneck_name(fake_score)
+    channels = fake_score.get_submodule(layer).out_channels
+    head = GANHead([channels], hidden=cfg.model.gan_hidden, depth=cfg.model.gan_depth)
+    shards = (info.world_size if info is not None else 1) * cfg.train.grad_accum
+    real = IndexedBatches(_TrainSplit(), shards=shards, batch=cfg.train.batch_size, seed=cfg.train.seed)
+
+    def latents(batch, g, device):
+        noise = torch.randn((batch, 1, 32, 32), generator=g, device=device)
+        cond = torch.randint(0, 10, (batch,), generator=g, device=device)
+        return noise, cond
+
+    def sample_fn(gen, device):
+        g = torch.Generator(device=device).manual_seed(0)
+        noise = torch.randn((40, 1, 32, 32), generator=g, device=device)
+        return sampler.sample(gen, noise, torch.arange(40, device=device) % 10, generator=g)
+
+    return Components(generator=generator, fake_score=fake_score, teacher=teacher, schedule=schedule,
+                      sampler=sampler, latents=latents, real_data=real, gan_head=head, gan_layers=[layer],
+                      sample_fn=sample_fn)
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+def student_sampler(generator: torch.nn.Module, sampler: BackwardSimulationSampler, steps: int | None = None,
+                    chunk: int = 500):
+    """A sampler for :func:`~dmd2.eval.fid_mnist.evaluate_sampler`: the student's first ``steps`` grid steps (all by
+    default) from ``z ~ N(0, I)``, prior noise then re-noise noise drawn from ``torch.Generator().manual_seed(seed)``."""
+
+    @torch.no_grad()
+    def sample(labels: torch.Tensor, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn((labels.shape[0], 1, 32, 32), generator=g)
+        return torch.cat([sampler.sample(generator, z[i:i + chunk], labels[i:i + chunk], generator=g, steps=steps)
+                          for i in range(0, labels.shape[0], chunk)])
+
+    return sample
+
+
+def _student(cfg: MNISTConfig, ckpt: Path, which: str) -> tuple[torch.nn.Module, str]:
+    from ..train.checkpoint import read_checkpoint
+
+    weights, _, _ = read_checkpoint(ckpt)
+    gen = load_teacher(teacher_path(cfg))
+    if which == "ema" and "ema" in weights:
+        sd, label = {k: v for k, v in weights["ema"].items() if not k.startswith("buffer::")}, "student EMA"
+    else:
+        sd, label = weights["generator"], "student raw"
+    missing, unexpected = gen.load_state_dict(sd, strict=False)
+    if unexpected or any(not k.endswith("resample_filter") for k in missing):
+        raise ValueError(f"{ckpt}: generator weights do not match the MNIST network (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return gen.eval(), f"{label} ({ckpt.name})"
+
+
+def _teacher_rows(cfg: MNISTConfig) -> dict:
+    meta = teacher_path(cfg).with_suffix(".json")
+    if meta.is_file():
+        rows = json.loads(meta.read_text()).get("metrics", {})
+        if "teacher_ode" in rows and "teacher_1step" in rows:
+            return {k: {**rows[k], "source": f"shipped with the teacher ({meta.name})"}
+                    for k in ("teacher_ode", "teacher_1step")}
+    rows = evaluate_teacher(teacher_path(cfg))
+    return {k: {**v, "source": "computed in this run"} for k, v in rows.items()}
+
+
+def format_table(metrics: dict) -> str:
+    """The printed table: one row per sampler."""
+    lines = [f"{'sampler':<16}{'FID':>18}{'KID':>12}{'label acc':>11}{'NFE':>5}{'seconds':>9}  weights"]
+    for name, r in metrics.items():
+        if not isinstance(r, dict) or "fid" not in r:
+            continue
+        lines.append(f"{name:<16}{r['fid']:>10.4f} ± {r['fid_std']:<6.4f}{r['kid']:>12.5f}{r['label_accuracy']:>11.3f}"
+                     f"{r['nfe']:>5}{r['seconds']:>9.1f}  {r['weights']}")
+    return "\n".join(lines)
+
+
+def evaluate_run(cfg: MNISTConfig, ckpt: str | Path | None = None) -> dict:
+    """Write ``OUT/metrics.json`` and ``OUT/samples_side_by_side.png`` for the newest (or given) checkpoint; print the
+    table; return the metrics."""
+    from ..eval.fid_mnist import dataset_sampler, evaluate_sampler
+    from ..train.checkpoint import latest_checkpoint
+    from ..train.monitor import save_png
+    from .mnist_teacher import heun_sampler
+
+    out = Path(cfg.train.out)
+    ckpt = Path(ckpt) if ckpt is not None else latest_checkpoint(out)
+    if ckpt is None:
+        raise ValueError(f"no complete checkpoint in {out / 'checkpoints'}; train first")
+    schedule = EDMSchedule(sigma_data=cfg.teacher.sigma_data)
+    sampler = BackwardSimulationSampler(schedule, cfg.sampler.grid(lambda n: student_sigmas(n, schedule)))
+    gen, label = _student(cfg, ckpt, cfg.eval.weights)
+    metrics: dict = {}
+    t = time.perf_counter()
+    metrics["real_train"] = metrics_entry(evaluate_sampler(dataset_sampler(*load_mnist("train"))), 0,
+                                          time.perf_counter() - t, "data (train split)")
+    metrics.update(_teacher_rows(cfg))
+    steps = [1] + ([sampler.num_steps] if sampler.num_steps > 1 else [])
+    for n in steps:
+        t = time.perf_counter()
+        ev = evaluate_sampler(student_sampler(gen, sampler, n))
+        metrics[f"student_{n}step"] = {**metrics_entry(ev, n, time.perf_counter() - t, label),
+                                       "sigmas": sampler.timesteps[:n]}
+    metrics["meta"] = {"checkpoint": str(ckpt), "teacher": str(teacher_path(cfg)), "iterations": int(ckpt.name.split("-")[-1]),
+                       "protocol": "dmd2.eval.fid_mnist: N=1000 (100/class), seeds (0,1,2), vs held-out; mean, std (ddof=1)"}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+    # side by side: the same classes (0..9, twice) from each sampler, seed 0
+    labels = torch.arange(20) % 10
+    real = dataset_sampler(*load_mnist("train"))(labels, 0)
+    teacher = load_teacher(teacher_path(cfg))
+    rows = [real, heun_sampler(teacher, 18)(labels, 0), heun_sampler(teacher, 1)(labels, 0)]
+    rows += [student_sampler(gen, sampler, n)(labels, 0) for n in steps]
+    save_png(torch.cat(rows), out / "samples_side_by_side.png", nrow=20)
+    print(f"rows of samples_side_by_side.png: real train, teacher_ode, teacher_1step, "
+          f"{', '.join(f'student_{n}step' for n in steps)}")
+    print(format_table(metrics))
+    return metrics
+
+
+def evaluate_command(cfg: MNISTConfig, args: list[str]) -> int:
+    """``evaluate [CKPT]``: evaluate the newest checkpoint in OUT (or CKPT)."""
+    if len(args) > 1:
+        raise ValueError("usage: evaluate [CHECKPOINT_DIR]")
+    evaluate_run(cfg, args[0] if args else None)
+    return 0
+
+
+def teacher_command(cfg: MNISTConfig, args: list[str]) -> int:
+    """``teacher``: train a teacher into OUT (``teacher.*`` overrides), evaluate it, record the figures."""
+    if args:
+        raise ValueError(f"teacher takes no positional arguments, got {args}")
+    tcfg = TeacherConfig(**{k: getattr(cfg.teacher, k) for k in TeacherConfig.__dataclass_fields__})
+    out = Path(cfg.train.out)
+    info = train_teacher(tcfg, out, resume=cfg.train.resume != "")
+    info["metrics"] = evaluate_teacher(out / "teacher.safetensors")
+    (out / "teacher.json").write_text(json.dumps(info, indent=1))
+    print(format_table(info["metrics"]))
+    return 0
+
+
+PRESETS = {
+    "default": {},
+    "long": {"train.max_steps": 6000, "train.checkpoint_every": 1000},
+    "tiny": {"train.max_steps": 4, "train.batch_size": 4, "train.checkpoint_every": 4, "train.log_every": 2,
+             "eval.enabled": False},
+}
+
+DEFAULTS = {
+    "train.max_steps": 500, "train.batch_size": 32, "train.lr_generator": 1e-4, "train.lr_critic": 1e-4,
+    "train.warmup_steps": 0, "train.ema_decay": 0.99, "train.checkpoint_every": 250, "train.log_every": 25,
+    "train.device": "cpu", "critic.ratio": 5,
+    "objective.gan_generator_weight": 3e-3, "objective.gan_discriminator_weight": 1e-2,
+}
+
+
+def _default_config() -> MNISTConfig:
+    from ..train import apply_overrides
+
+    return apply_overrides(MNISTConfig(), DEFAULTS)
+
+
+RECIPE = Recipe(name="mnist", config=_default_config(), build=build, presets=PRESETS,
+                commands={"evaluate": evaluate_command, "teacher": teacher_command})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The shared CLI (:func:`dmd2.train.main`), then, after ``train``, the evaluation (when ``eval.enabled``)."""
+    from ..train import resolve_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rc = train_main(RECIPE, argv)
+    is_train = not argv or argv[0].startswith("-") or "=" in argv[0] or argv[0] == "train"
+    if rc != 0 or not is_train or "--dry-run" in argv or "-h" in argv or "--help" in argv:
+        return rc
+    cfg = resolve_config(RECIPE, *_cli_parts(argv))
+    if cfg.eval.enabled:
+        evaluate_run(cfg)
+    return 0
+
+
+def _cli_parts(argv: list[str]):
+    """``(preset, overrides, out, resume, steps)`` of a ``train`` command line (it parsed already, so it is valid)."""
+    import argparse
+
+    p = argparse.ArgumentParser(add_help=False)
+    for flag in ("--preset", "--out", "--resume"):
+        p.add_argument(flag, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--dry-run", action="store_true")
+    args, rest = p.parse_known_args([a for a in argv if a != "train"])
+    return args.preset, [r for r in rest if "=" in r], args.out, args.resume, args.steps
+
+
+if __name__ == "__main__":
+    sys.exit(main())
