@@ -61,7 +61,7 @@ class TeacherConfig:
         checkpoint_every: iterations between writes of the run folder; log_every: iterations per loss-curve point.
     """
 
-    iters: int = 3000
+    iters: int = 4000
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 200
@@ -126,11 +126,12 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False, progress: bool = True,
+                  command: str = "") -> dict:
     """Train the teacher into the run folder ``out`` (module docstring); returns the ``teacher.json`` record.
 
     With ``resume`` and an ``out/state.pt``, training continues exactly where that state stopped (same batches and
-    noise as an uninterrupted run, since the generator state is restored).
+    noise as an uninterrupted run, since the generator state is restored). ``command`` is recorded as given.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +159,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False, pro
 
     def record(it: int) -> dict:
         info = {
-            "config": asdict(cfg), "iters_done": it, "params": sum(p.numel() for p in net.parameters()),
+            "config": asdict(cfg), "command": command, "iters_done": it, "params": sum(p.numel() for p in net.parameters()),
             "adm_config": teacher_adm_config(cfg.dropout).to_dict(), "seconds": elapsed_before + time.perf_counter() - t0,
             "loss_curve": curve, "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
                                            f"{torch.get_num_threads()} thread(s)",
@@ -266,7 +267,8 @@ def teacher_main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    info = train_teacher(cfg, args.out, resume=args.resume)
+    info = train_teacher(cfg, args.out, resume=args.resume,
+                         command="python -m dmd2.recipes.mnist_teacher " + " ".join(sys.argv[1:] if argv is None else argv))
     print(json.dumps({k: info[k] for k in ("iters_done", "seconds", "params")}))
     return 0
 

@@ -32,6 +32,7 @@ def test_shipped_teacher_loads_with_its_record(teacher):
     assert record["metrics"]["teacher_ode"]["label_accuracy"] >= 0.95
 
 
+@pytest.mark.slow
 def test_teacher_heun18_label_accuracy(teacher):
     """EDM Heun, 18 steps (35 NFE), N = 256 samples of classes 0..9 in turn: the classifier agrees >= 92% of the time
     (the shipped record says >= 95% on N = 1,000; 92% leaves ~3 binomial std for N = 256)."""
@@ -112,10 +113,10 @@ def test_build_wires_the_gan_head_to_the_fake_bottleneck():
 
 @pytest.mark.slow
 def test_short_distillation_improves_the_student_fid(tmp_path):
-    """A few dozen iterations of the default recipe (TTUR 5, GAN head) move the 1-step student's FID (N = 200,
-    20 per class, one seed) well below that of its initialisation (the teacher's 1-step output)."""
+    """60 iterations (12 generator updates) of the default recipe (TTUR 5, GAN head) move the raw 1-step
+    student's FID (N = 200, 20 per class, one seed) below half that of its initialisation (the teacher in one step)."""
     cfg = apply_overrides(resolve_config(mnist.RECIPE, None, out=str(tmp_path)),
-                          {"train.max_steps": 40, "train.batch_size": 16, "train.checkpoint_every": 40,
+                          {"train.max_steps": 60, "train.batch_size": 16, "train.checkpoint_every": 60,
                            "train.progress": False})
     torch.manual_seed(cfg.train.seed)
     c = mnist.build(cfg)
