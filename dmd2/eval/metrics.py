@@ -37,6 +37,7 @@ __all__ = [
     "frechet_distance_from_features",
     "kid",
     "polynomial_kernel",
+    "trace_sqrt_product",
 ]
 
 # Eigenvalues of a covariance below -PSD_RTOL * (largest |eigenvalue|) mean the matrix is not PSD (ValueError);

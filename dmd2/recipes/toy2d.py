@@ -152,7 +152,7 @@ class ToyConfig:
     (exact denoiser plus a zero-initialised MLP correction). ``flip_sign`` negates the DM loss (a negative control)."""
 
     steps: int = 1
-    iters: int = 3000
+    iters: int = 10000
     batch: int = 256
     lr_generator: float = 1e-3
     lr_critic: float = 1e-3
@@ -163,7 +163,7 @@ class ToyConfig:
     seed: int = 0
     hidden: int = 128
     final_lr_frac: float = 1.0
-    ema_decay: float = 0.0
+    ema_decay: float = 0.995
 
 
 def student_sigmas(schedule: EDMSchedule, steps: int) -> list[float]:
@@ -254,7 +254,7 @@ def floor(mixture: Mixture, n: int = 4000, seed: int = 123) -> float:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m dmd2.recipes.toy2d", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/toy2d")
-    p.add_argument("--iters", type=int, default=3000)
+    p.add_argument("--iters", type=int, default=ToyConfig.iters)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -262,7 +262,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {
-        "untrained": ToyConfig(steps=1, iters=0, seed=args.seed),
+        "untrained": ToyConfig(steps=1, iters=0, ema_decay=0.0, seed=args.seed),
         "1-step": ToyConfig(steps=1, iters=args.iters, seed=args.seed),
         "4-step": ToyConfig(steps=4, iters=args.iters, init="teacher", fake_step_conditioning=True, seed=args.seed),
         "4-step, one fake score": ToyConfig(steps=4, iters=args.iters, init="teacher", seed=args.seed),
