@@ -91,8 +91,14 @@ class Trainable:
     def __init__(self, modules: Iterable[nn.Module]):
         self.modules = [m for m in modules if m is not None]
         self.names = [[n for n, p in m.named_parameters() if p.requires_grad] for m in self.modules]
+        # FSDP2 swaps sharded / unsharded parameter objects on the module, so look them up by name each time there;
+        # elsewhere the objects are fixed once wrapped, and the lookup (a per-phase cost) is done once.
+        self._fixed = None if any(is_fsdp(m) for m in self.modules) else self._lookup()
 
     def parameters(self) -> list[nn.Parameter]:
+        return self._fixed if self._fixed is not None else self._lookup()
+
+    def _lookup(self) -> list[nn.Parameter]:
         out = []
         for m, names in zip(self.modules, self.names):
             params = dict(m.named_parameters())
