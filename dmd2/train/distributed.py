@@ -1,0 +1,182 @@
+"""Process groups, model wrapping (DDP / FSDP2) and the few collectives the loop needs.
+
+Launch with ``torchrun --nproc_per_node N``; the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) selects the
+rank. Backend: NCCL for CUDA, gloo for CPU. Control-plane values (the SIGTERM flag) go through a gloo group on CPU
+tensors, so agreeing on them never waits on the GPU stream.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DistInfo", "init_distributed", "wrap_trained", "shard_frozen", "Trainable", "is_fsdp", "barrier",
+           "all_reduce_mean", "any_rank"]
+
+
+@dataclass
+class DistInfo:
+    """This process's place in the job: ``mode`` in ``none|ddp|fsdp2``, ``rank``, ``world_size``, ``device``."""
+
+    mode: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    control_group: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.mode != "none"
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(mode: str, device: str = "auto") -> DistInfo:
+    """Join the torchrun job (``mode`` ``ddp`` / ``fsdp2``) or run alone (``none``).
+
+    Raises ``ValueError`` when the environment and ``mode`` disagree (several ranks launched with ``none``).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if mode == "none":
+        if world > 1:
+            raise ValueError(f"launched with WORLD_SIZE={world} but train.distributed=none; set train.distributed=ddp or fsdp2")
+        return DistInfo(device=_resolve_device(device, 0))
+    if mode not in ("ddp", "fsdp2"):
+        raise ValueError(f"distributed mode must be none|ddp|fsdp2, got {mode!r}")
+    if "RANK" not in os.environ:
+        raise ValueError(f"train.distributed={mode} needs a torchrun launch (RANK / WORLD_SIZE unset)")
+    dev = _resolve_device(device, local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    control = dist.new_group(backend="gloo") if dev.type == "cuda" else None
+    return DistInfo(mode=mode, rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                    device=dev, control_group=control)
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+class Trainable:
+    """The parameters of ``modules`` that the recipe left trainable (``requires_grad``) when this was made,
+    looked up again by name so that the lookup survives wrapping (FSDP2 swaps in sharded parameters).
+
+    :meth:`set` freezes / unfreezes exactly those (a frozen network accumulates no gradient); parameters the recipe
+    froze (a LoRA base, say) stay frozen. Safe under FSDP2 because :func:`wrap_trained` runs FSDP's lazy
+    initialisation while the trainable set is unfrozen, and :meth:`set` reshards first so that the sharded
+    parameters (which FSDP2 copies onto the unsharded ones at every all-gather) carry the flag.
+    """
+
+    def __init__(self, modules: Iterable[nn.Module]):
+        self.modules = [m for m in modules if m is not None]
+        self.names = [[n for n, p in m.named_parameters() if p.requires_grad] for m in self.modules]
+
+    def parameters(self) -> list[nn.Parameter]:
+        out = []
+        for m, names in zip(self.modules, self.names):
+            params = dict(m.named_parameters())
+            out += [params[n] for n in names]
+        return out
+
+    def set(self, flag: bool) -> None:
+        for m in self.modules:
+            if is_fsdp(m):
+                m.reshard()
+        for p in self.parameters():
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+
+
+def _fsdp_lazy_init(module: nn.Module) -> None:
+    # FSDP2 fixes each parameter group's dtypes / trainable set at its first forward ("lazy init"). If that first
+    # forward happens while the module is frozen (the fake score runs first inside the generator phase), the
+    # mixed-precision state is derived from a frozen module. Initialising here, while every parameter still
+    # requires grad, makes later requires_grad toggles harmless. (torch has no public hook for this.)
+    module._get_fsdp_state()._lazy_init()
+
+
+def wrap_trained(module: nn.Module, info: DistInfo, mixed_precision: str,
+                 fsdp_units: Callable[[nn.Module], Iterable[nn.Module]] | None = None) -> nn.Module:
+    """Move a trained network to the device and wrap it for ``info.mode``.
+
+    * ``none``: the module itself; ``ddp``: :class:`~torch.nn.parallel.DistributedDataParallel` (the caller keeps
+      the raw module for frozen calls); ``fsdp2``: ``fully_shard`` on each of ``fsdp_units(module)`` (e.g.
+      transformer blocks) then on the root, with ``MixedPrecisionPolicy(bf16 params, fp32 reduce)`` under bf16.
+    """
+    module.to(info.device)
+    if info.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if not any(p.requires_grad for p in module.parameters()):
+            return module
+        return DDP(module, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if info.mode == "fsdp2":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if not any(True for _ in module.parameters()):
+            return module
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" else MixedPrecisionPolicy()
+        for unit in (fsdp_units(module) if fsdp_units else ()):
+            fully_shard(unit, mp_policy=mp)
+        fully_shard(module, mp_policy=mp)
+        _fsdp_lazy_init(module)
+        return module
+    return module
+
+
+def shard_frozen(module: nn.Module, info: DistInfo, fsdp_units=None) -> nn.Module:
+    """The frozen teacher: no gradients, no optimizer state; sharded under FSDP2 (when it has parameters)."""
+    module.to(info.device)
+    module.requires_grad_(False)
+    module.eval()
+    if info.mode == "fsdp2" and any(True for _ in module.parameters()):
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in (fsdp_units(module) if fsdp_units else ()):
+            fully_shard(unit)
+        fully_shard(module)
+    return module
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean over ranks (in place on a copy); identity when alone."""
+    if not info.distributed:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / info.world_size
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True when ``flag`` is set on any rank (a CPU gloo all-reduce: no GPU sync)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control_group)
+    return bool(t.item())

@@ -1,0 +1,117 @@
+"""Rank-0 outputs of a run: tqdm progress, ``OUT/log.jsonl``, TensorBoard files in ``OUT/tb/`` (offline) and sample
+grids in ``OUT/samples/step-XXXXXXXX.png``.
+
+``log.jsonl`` holds one JSON object per logged iteration (``"step"`` = completed iterations, losses, learning
+rates, grad norms, samples/s, peak memory). On resume, entries after the checkpoint's step are dropped first, so
+the file always reads as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["RunMonitor", "image_grid", "save_png"]
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, value_range=(-1.0, 1.0)) -> np.ndarray:
+    """``(N, C, H, W)`` images (C in 1, 3) in ``value_range`` -> a ``(rows*H, cols*W, 3)`` uint8 grid, 1 px gaps."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"image_grid: expected (N, 1|3, H, W) images, got {tuple(images.shape)}")
+    lo, hi = value_range
+    x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    n, _, h, w = x.shape
+    cols = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.zeros(3, rows * (h + 1) + 1, cols * (w + 1) + 1)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = x[i]
+    return (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def save_png(images: torch.Tensor, path: str | Path, **kw) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_grid(images, **kw)).save(path)
+    return path
+
+
+class RunMonitor:
+    """Progress bar, JSONL log, TensorBoard and sample grids; a no-op on ranks other than 0.
+
+    Args:
+        out: the run folder; start_step: iterations already done (resume); max_steps: total iterations.
+    """
+
+    def __init__(self, out: str | Path, is_main: bool, start_step: int, max_steps: int, progress: bool = True):
+        self.out, self.is_main = Path(out), is_main
+        self.bar = self.tb = None
+        if not is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.out / "log.jsonl"
+        self._truncate_after(start_step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step + 1 if start_step else None)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=start_step, desc="dmd2", unit="it", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.log_path.is_file():
+            return
+        keep = []
+        for line in self.log_path.read_text().splitlines():
+            if line.strip() and json.loads(line)["step"] <= step:
+                keep.append(line)
+        self.log_path.write_text("".join(k + "\n" for k in keep))
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        """One record at ``step`` (completed iterations)."""
+        if not self.is_main:
+            return
+        record = {"step": step, **values}
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+        if self.bar is not None:
+            short = {k: f"{v:.4g}" for k, v in values.items() if k.startswith("loss")}
+            self.bar.set_postfix(short, refresh=False)
+
+    def samples(self, step: int, images: torch.Tensor) -> Path | None:
+        if not self.is_main:
+            return None
+        path = save_png(images, self.out / "samples" / f"step-{step:08d}.png")
+        self.tb.add_image("samples", image_grid(images), step, dataformats="HWC")
+        return path
+
+    def write(self, msg: str) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
