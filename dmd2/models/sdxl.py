@@ -43,7 +43,7 @@ from ..core.schedules import VPSchedule
 __all__ = [
     "SUBFOLDERS", "SDXLParts", "load_sdxl", "is_offline", "PromptEncoder", "time_ids",
     "AdapterSwitch", "add_lora", "SDXLDenoiser", "Networks", "build_networks", "MEMORY_MODES", "DEFAULT_LORA_TARGETS",
-    "schedule_from_folder", "unet_config_path", "lora_param_names",
+    "schedule_from_folder", "unet_config_path", "lora_param_names", "DiffusersVPSchedule", "adapter_weights_from_checkpoint",
 ]
 
 #: component -> subfolder of a diffusers SDXL folder
@@ -80,19 +80,41 @@ class SDXLParts:
     prediction_type: str = "epsilon"
 
 
+class DiffusersVPSchedule(VPSchedule):
+    r"""A :class:`VPSchedule` whose tables are computed the way diffusers' schedulers compute them, in float32:
+    ``betas`` (float32; ``scaled_linear``: ``linspace(sqrt(b0), sqrt(b1), T) ** 2``), ``abar = cumprod(1 - betas)``,
+    :math:`\alpha = \sqrt{\bar\alpha}`, :math:`\sigma = \sqrt{1 - \bar\alpha}`.
+
+    The float64 tables of :class:`VPSchedule` differ from these by ~1e-6 relative at ``t = 999``, which
+    ``x0 = (x_t - sigma eps) / alpha`` amplifies ``1/alpha ~ 15`` times; with diffusers' tables an exported pipeline
+    reproduces our sampler to float32 rounding (:mod:`dmd2.recipes.sdxl_export`).
+    """
+
+    def __init__(self, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
+                 beta_schedule: str = "scaled_linear"):
+        if beta_schedule == "scaled_linear":
+            b32 = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+        elif beta_schedule == "linear":
+            b32 = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+        else:
+            raise ValueError(f"beta_schedule {beta_schedule!r} is not supported; expected 'scaled_linear' or 'linear'")
+        super().__init__(b32.double())
+        abar = torch.cumprod(1.0 - b32, dim=0)
+        self.alphas_cumprod = abar.double()
+        self._alpha = abar.sqrt()
+        self._sigma = (1.0 - abar).sqrt()
+        self._weight = abar / (1.0 - abar)
+        self.config = {"beta_start": beta_start, "beta_end": beta_end, "num_train_timesteps": num_train_timesteps,
+                       "beta_schedule": beta_schedule}
+
+
 def schedule_from_folder(path: str | Path) -> tuple[VPSchedule, str]:
-    """``(VPSchedule, prediction_type)`` from ``path/scheduler/scheduler_config.json`` (SDXL's scaled-linear
+    """``(DiffusersVPSchedule, prediction_type)`` from ``path/scheduler/scheduler_config.json`` (SDXL's scaled-linear
     0.00085..0.012 over 1000 steps, epsilon prediction when the file is absent)."""
     f = Path(path) / "scheduler" / "scheduler_config.json"
     cfg = json.loads(f.read_text()) if f.is_file() else {}
-    kind = cfg.get("beta_schedule", "scaled_linear")
-    args = (cfg.get("beta_start", 0.00085), cfg.get("beta_end", 0.012), cfg.get("num_train_timesteps", 1000))
-    if kind == "scaled_linear":
-        sched = VPSchedule.scaled_linear(*args)
-    elif kind == "linear":
-        sched = VPSchedule.linear(*args)
-    else:
-        raise ValueError(f"{f}: beta_schedule {kind!r} is not supported; expected 'scaled_linear' or 'linear'")
+    sched = DiffusersVPSchedule(cfg.get("beta_start", 0.00085), cfg.get("beta_end", 0.012),
+                                cfg.get("num_train_timesteps", 1000), cfg.get("beta_schedule", "scaled_linear"))
     return sched, cfg.get("prediction_type", "epsilon")
 
 
@@ -142,7 +164,7 @@ def load_sdxl(path: str | Path, dtype: torch.dtype = torch.float32, local_files_
                              f"{', '.join(SUBFOLDERS.values())}/)")
         schedule, pred = schedule_from_folder(p)
     else:
-        schedule, pred = VPSchedule.scaled_linear(), "epsilon"
+        schedule, pred = DiffusersVPSchedule(), "epsilon"
     classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
                "text_encoder_2": CLIPTextModelWithProjection, "tokenizer": CLIPTokenizer, "tokenizer_2": CLIPTokenizer}
     out = {}
@@ -158,7 +180,7 @@ def load_sdxl(path: str | Path, dtype: torch.dtype = torch.float32, local_files_
 
             f = hf_hub_download(path, "scheduler/scheduler_config.json", local_files_only=local_only)
             schedule, pred = schedule_from_folder(Path(f).parent.parent)
-        except Exception:  # noqa: BLE001 - SDXL's defaults apply
+        except (OSError, ValueError):  # not cached: SDXL's defaults apply
             pass
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if out[name] is not None:
