@@ -169,7 +169,8 @@ def clip_score(images: Sequence, captions: Sequence[str], model, preprocess, tok
 
 
 def evaluate_images(generated: Sequence, captions: Sequence[str], real: Sequence, feature_fn: Callable,
-                    clip: tuple | None = None, out: str | Path | None = None, batch: int = 32, extra: dict | None = None) -> dict:
+                    clip: tuple | None = None, out: str | Path | None = None, batch: int = 32, extra: dict | None = None,
+                    fid_size: int = 512, patch_size: int = 299) -> dict:
     """FID (512 px resize + centre crop), Patch FID (299 px centre crops at full resolution) and CLIP score.
 
     Args:
@@ -178,15 +179,17 @@ def evaluate_images(generated: Sequence, captions: Sequence[str], real: Sequence
         feature_fn: ``(B, 3, 299, 299) in [0, 255] -> (B, D)`` (:func:`load_inception`).
         clip: ``(model, preprocess, tokenizer)`` (:func:`load_clip`); None skips the CLIP score.
         out: write the result JSON here.
+        fid_size, patch_size: the crop sizes (paper: 512 and 299).
     """
     if len(generated) != len(captions):
         raise ValueError(f"evaluate_images: {len(generated)} generated images for {len(captions)} captions")
     result = {
         "num_generated": len(generated), "num_real": len(real),
-        "fid_512": frechet_distance_of(inception_features(generated, feature_fn, 512, True, batch),
-                                       inception_features(real, feature_fn, 512, True, batch)),
-        "patch_fid_299": frechet_distance_of(inception_features(generated, feature_fn, 299, False, batch),
-                                             inception_features(real, feature_fn, 299, False, batch)),
+        "fid": frechet_distance_of(inception_features(generated, feature_fn, fid_size, True, batch),
+                                   inception_features(real, feature_fn, fid_size, True, batch)),
+        "patch_fid": frechet_distance_of(inception_features(generated, feature_fn, patch_size, False, batch),
+                                         inception_features(real, feature_fn, patch_size, False, batch)),
+        "fid_size": fid_size, "patch_size": patch_size,
     }
     if clip is not None:
         result["clip_score"] = clip_score(generated, captions, *clip, batch=batch)
@@ -201,7 +204,7 @@ def evaluate_images(generated: Sequence, captions: Sequence[str], real: Sequence
 def evaluate_pipeline(pipeline_dir: str | Path, captions: str, images: str, num: int = 10000, inception: str = "",
                       clip_model: str = "ViT-g-14", clip_weights: str = "", batch: int = 8, seed: int = 0,
                       out: str | None = None, feature_fn: Callable | None = None, clip: tuple | None = None,
-                      device: str | None = None) -> dict:
+                      device: str | None = None, fid_size: int = 512, patch_size: int = 299) -> dict:
     """Generate one image per COCO caption with an exported pipeline (``dmd2.json`` gives the student's timesteps;
     image ``i`` uses seed ``seed + i``) and evaluate against the real images in ``images/<file_name>``."""
     from diffusers import StableDiffusionXLPipeline
@@ -230,4 +233,5 @@ def evaluate_pipeline(pipeline_dir: str | Path, captions: str, images: str, num:
                           height=res, width=res, generator=gens).images
     real = [Image.open(root / it["file_name"]).convert("RGB") for it in items]
     return evaluate_images(generated, [it["caption"] for it in items], real, feature_fn, clip, out, batch,
-                           extra={"pipeline": str(pipeline_dir), "timesteps": info["timesteps"], "seed": seed})
+                           extra={"pipeline": str(pipeline_dir), "timesteps": info["timesteps"], "seed": seed},
+                           fid_size=fid_size, patch_size=patch_size)
