@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import (DMD2, BackwardSimulationSampler, CriticScheduler, DMD2Config, EDMPrecond, EDMSchedule)
+from ..core import DMD2, EMA, BackwardSimulationSampler, CriticScheduler, DMD2Config, EDMPrecond, EDMSchedule
 
 # ------------------------------------------------------------------------------------------------ the data
 
@@ -152,7 +152,7 @@ class ToyConfig:
     (exact denoiser plus a zero-initialised MLP correction). ``flip_sign`` negates the DM loss (a negative control)."""
 
     steps: int = 1
-    iters: int = 3000
+    iters: int = 10000
     batch: int = 256
     lr_generator: float = 1e-3
     lr_critic: float = 1e-3
@@ -162,7 +162,8 @@ class ToyConfig:
     flip_sign: bool = False
     seed: int = 0
     hidden: int = 128
-    final_lr_frac: float = 0.1
+    final_lr_frac: float = 1.0
+    ema_decay: float = 0.995
 
 
 def student_sigmas(schedule: EDMSchedule, steps: int) -> list[float]:
@@ -199,6 +200,7 @@ def train(cfg: ToyConfig, mixture: Mixture = Mixture(), log_every: int = 0):
                config=DMD2Config(fake_step_conditioning=cfg.fake_step_conditioning))
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator, betas=(0.0, 0.99))
     opt_c = torch.optim.Adam(fake.parameters(), lr=cfg.lr_critic, betas=(0.0, 0.99))
+    ema = EMA(generator, cfg.ema_decay) if cfg.ema_decay > 0 else None
     sched = CriticScheduler(cfg.ratio)
     # learning rates decay linearly to final_lr_frac of their start over the run (less end-of-run jitter)
     decay = lambda it: 1.0 - (1.0 - cfg.final_lr_frac) * it / max(1, cfg.iters)  # noqa: E731
@@ -216,6 +218,8 @@ def train(cfg: ToyConfig, mixture: Mixture = Mixture(), log_every: int = 0):
             opt_g.zero_grad(set_to_none=True)
             (-loss if cfg.flip_sign else loss).backward()
             opt_g.step()
+            if ema is not None:
+                ema.update(generator)
             fake.requires_grad_(True)
         generator.requires_grad_(False)
         closs, clogs = dmd.critic_loss(torch.randn(cfg.batch, 2, generator=rng), generator=rng)
@@ -227,7 +231,10 @@ def train(cfg: ToyConfig, mixture: Mixture = Mixture(), log_every: int = 0):
             s.step()
         if log_every and it % log_every == 0:
             print(f"  iter {it:6d}  loss_fake {float(clogs['loss_fake']):.4f}", flush=True)
-    return generator, sampler, {"k_histogram": k_hist, "seconds": time.perf_counter() - t0}
+    seconds = time.perf_counter() - t0
+    if ema is not None:  # evaluate the averaged weights
+        ema.copy_to(generator)
+    return generator, sampler, {"k_histogram": k_hist, "seconds": seconds, "weights": "ema" if ema else "raw"}
 
 
 def evaluate(generator, sampler, mixture: Mixture, n: int = 4000, seed: int = 123) -> dict:
@@ -247,7 +254,7 @@ def floor(mixture: Mixture, n: int = 4000, seed: int = 123) -> float:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m dmd2.recipes.toy2d", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/toy2d")
-    p.add_argument("--iters", type=int, default=3000)
+    p.add_argument("--iters", type=int, default=ToyConfig.iters)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -255,7 +262,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {
-        "untrained": ToyConfig(steps=1, iters=0, seed=args.seed),
+        "untrained": ToyConfig(steps=1, iters=0, ema_decay=0.0, seed=args.seed),
         "1-step": ToyConfig(steps=1, iters=args.iters, seed=args.seed),
         "4-step": ToyConfig(steps=4, iters=args.iters, init="teacher", fake_step_conditioning=True, seed=args.seed),
         "4-step, one fake score": ToyConfig(steps=4, iters=args.iters, init="teacher", seed=args.seed),

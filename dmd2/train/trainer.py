@@ -9,7 +9,8 @@ One iteration ``s`` (``train.max_steps`` counts them, DESIGN "Iteration"):
    images, clipping, AdamW step on the fake score + GAN head.
 
 Randomness is keyed, not carried: the noise, times and re-noises of micro-batch ``m`` on rank ``r`` come from a
-generator seeded by ``(seed, s, phase, shard)`` with the global shard index ``shard = r * grad_accum + m``; the
+generator seeded by ``(seed, s, phase, shard)`` with the global shard index ``shard = r * grad_accum + m`` (with
+``objective.fused_ops``, the Philox noise offset is keyed the same way); the
 backward-simulation step ``k`` from ``(seed, s, phase)`` (so every rank agrees on it without communication). Hence
 a run is a function of (config, step): it resumes bit-exactly, and ``W`` ranks with ``grad_accum = A`` compute the
 same updates as one process with ``grad_accum = W * A`` (up to reduction order). Real data are requested by
@@ -218,6 +219,15 @@ class Trainer:
         g = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, step, phase, _K))
         return self.c.sampler.draw_k(g)
 
+    def _key_noise_stream(self, step: int, phase: int, shard: int) -> None:
+        """With ``objective.fused_ops`` the objective's noise is the Philox stream ``(noise_seed, noise_offset)``:
+        start each micro-batch at an offset keyed like the torch generators (a random block start in
+        ``[0, 2**61)``, far from every other block with overwhelming probability)."""
+        if self.cfg.objective.fused_ops:
+            offset = derive_seed(self.cfg.train.seed, step, phase, shard, _K + 1) >> 2
+            self.obj_gen.noise_offset = offset
+            self.obj_critic.noise_offset = offset
+
     def _shard(self, micro: int) -> int:
         return self.info.rank * self.accum + micro
 
@@ -273,6 +283,7 @@ class Trainer:
         logs_sum: dict[str, torch.Tensor] = {}
         for m in range(self.accum):
             g = self._rng(step, _GEN, self._shard(m))
+            self._key_noise_stream(step, _GEN, self._shard(m))
             noise, cond = self.c.latents(self.cfg.train.batch_size, g, self.device)
             with self._no_sync([self.gen_w], m == self.accum - 1):
                 with self._autocast():
@@ -301,6 +312,7 @@ class Trainer:
         for m in range(self.accum):
             shard = self._shard(m)
             g = self._rng(step, _CRITIC, shard)
+            self._key_noise_stream(step, _CRITIC, shard)
             noise, cond = self.c.latents(b, g, self.device)
             real, real_cond = (self.c.real_data(step, shard, b, self.device) if self.c.real_data is not None and self.head is not None
                                else (None, None))
@@ -485,7 +497,7 @@ class Trainer:
         if row is not None:
             off = 0
             for key, size in zip(rng["keys"], rng["sizes"]):
-                part = row[off: off + size].to(torch.uint8)
+                part = row[off: off + size].to(torch.uint8).clone()  # a fresh tensor: set_rng_state misreads offset views
                 off += size
                 if key == "cpu":
                     torch.set_rng_state(part)

@@ -3,6 +3,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from dmd2.recipes.tiny import PRESETS, RECIPE, TinyConfig
 from dmd2.train import RecipeConfig, apply_overrides, config_from_dict, config_to_dict, main, resolve_config, valid_keys
@@ -98,7 +99,9 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_cli_train_applies_overrides_and_saves_config(tmp_path, helpers):
+def test_cli_train_applies_overrides_and_saves_config(tmp_path):
+    import train_helpers as helpers
+
     out = helpers.run_inprocess(tmp_path / "run", "train.max_steps=2", "model.hidden=8", "train.log_every=1", "--steps", "1")
     saved = json.loads((out / "config.json").read_text())
     assert saved["model"]["hidden"] == 8 and saved["train"]["max_steps"] == 2 and saved["sampler"]["steps"] == 1
@@ -110,6 +113,22 @@ def test_cli_train_applies_overrides_and_saves_config(tmp_path, helpers):
     assert (out / "tb").is_dir() and any((out / "tb").iterdir())
     # the recipe's own sub-command reads the checkpoint
     png = tmp_path / "grid.png"
-    assert main(__import__("dmd2.recipes.tiny", fromlist=["RECIPE"]).RECIPE,
-                ["sample", str(out / "checkpoints" / "checkpoint-00000002"), str(png), "model.hidden=8"]) == 0
+    assert main(RECIPE, ["sample", str(out / "checkpoints" / "checkpoint-00000002"), str(png), "model.hidden=8"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_indexed_batches_shards_are_disjoint_and_cover_each_epoch():
+    from dmd2.train import IndexedBatches
+
+    data = [(torch.full((1, 2, 2), float(i)), i % 3) for i in range(50)]
+    src = IndexedBatches(data, shards=4, batch=3, seed=7)
+    assert src.steps_per_epoch == 4  # 50 // 12
+    epoch = torch.cat([src.indices(s, r) for s in range(4) for r in range(4)])
+    assert len(set(epoch.tolist())) == 48  # every index at most once per epoch (2 dropped)
+    assert not torch.equal(src.indices(0, 0), src.indices(4, 0))  # a new permutation next epoch
+    assert torch.equal(src.indices(5, 2), IndexedBatches(data, 4, 3, seed=7).indices(5, 2))  # stateless
+    imgs, cond = src(1, 2, 3, torch.device("cpu"))
+    assert imgs.shape == (3, 1, 2, 2) and torch.equal(imgs[:, 0, 0, 0].long(), src.indices(1, 2))
+    assert torch.equal(cond, src.indices(1, 2) % 3)
+    with pytest.raises(ValueError, match="shard must lie in"):
+        src.indices(0, 4)

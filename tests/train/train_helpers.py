@@ -1,11 +1,10 @@
-"""Helpers for the training-engine tests: run the tiny recipe in-process or under torchrun (gloo, CPU)."""
+"""Helpers (not tests) for the training-engine tests: run the tiny recipe in-process or under torchrun (gloo, CPU)."""
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,15 +74,3 @@ def assert_tree_equal(a, b, path="", atol=None):
         assert abs(a - b) <= atol * (1 + abs(b)), f"{path}: {a} vs {b}"
     else:
         assert a == b, f"{path}: {a!r} vs {b!r}"
-
-
-@pytest.fixture
-def helpers():
-    class H:
-        pass
-
-    h = H()
-    for f in (run_inprocess, torchrun, weights, log_records, losses, assert_tree_equal):
-        setattr(h, f.__name__, staticmethod(f))
-    h.ROOT = ROOT
-    return h
