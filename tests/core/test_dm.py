@@ -91,7 +91,8 @@ def test_no_nan_scrubbing():
     (lambda x: (x, x[:, :2], x), "shape"),
     (lambda x: (x, x.double(), x), "dtype"),
     (lambda x: (x, x, x.to("meta")), "device"),
-    (lambda x: (x, x, x.long()), "floating"),
+    (lambda x: (x.long(), x.long(), x.long()), "floating"),
+    (lambda x: (x, x, x.long()), "dtype"),
 ])
 def test_bad_input_is_a_clear_value_error(bad, match):
     x = torch.randn(3, 4)
