@@ -215,9 +215,16 @@ def build(cfg: SDXLConfig, info=None) -> Components:
         from ..models.sdxl_tiny import write_tiny_sdxl
 
         base = Path(base_path(cfg))
-        if not (base / "model_index.json").is_file():
+        main_rank = info is None or info.is_main
+        if main_rank and not (base / "model_index.json").is_file():
             write_tiny_sdxl(base, seed=t.seed)
-        tp, ti = _write_tiny_data(Path(t.out) / "tiny-data", m.resolution)
+        if main_rank:
+            _write_tiny_data(Path(t.out) / "tiny-data", m.resolution)
+        if info is not None and info.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()  # the other ranks read what rank 0 wrote
+        tp, ti = Path(t.out) / "tiny-data" / "prompts.txt", Path(t.out) / "tiny-data" / "images"
         prompts_path, real_path = prompts_path or str(tp), real_path or str(ti)
     if not prompts_path:
         raise ValueError("data.prompts is empty; expected a .txt / .jsonl / .parquet file of prompts")
