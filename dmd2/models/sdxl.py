@@ -469,26 +469,30 @@ def build_networks(unet: nn.Module, schedule: VPSchedule, prediction_type: str =
     unet.eval()
     base_dtype = frozen_dtype or unet.conv_in.weight.dtype
 
-    def trained_copy():
+    def trained_copy():  # from the weights as loaded (before the frozen copy is cast)
         u = copy.deepcopy(unet).float()
         u.requires_grad_(True)
         u.train()
         return u
 
+    def freeze_cast():
+        if unet.conv_in.weight.dtype != base_dtype:
+            unet.to(base_dtype)
+
     if mode == "full":
         gen, fake = trained_copy(), trained_copy()
-        unet.to(base_dtype)
+        freeze_cast()
         return Networks(SDXLDenoiser(unet, schedule, prediction_type, gan_layer=None),
                         SDXLDenoiser(gen, schedule, prediction_type), SDXLDenoiser(fake, schedule, prediction_type), mode, [])
     if mode == "lora":
         fake = trained_copy()
-        gen_base = copy.deepcopy(unet).to(base_dtype)
+        freeze_cast()
+        gen_base = copy.deepcopy(unet)
         add_lora(gen_base, "generator", lora_rank, lora_alpha, lora_targets)
-        unet.to(base_dtype)
         return Networks(SDXLDenoiser(unet, schedule, prediction_type, gan_layer=None),
                         SDXLDenoiser(gen_base, schedule, prediction_type, adapter="generator", shared=True),
                         SDXLDenoiser(fake, schedule, prediction_type), mode, [gen_base])
-    unet.to(base_dtype)
+    freeze_cast()
     add_lora(unet, "generator", lora_rank, lora_alpha, lora_targets)
     add_lora(unet, "fake_score", lora_rank, lora_alpha, lora_targets)
     return Networks(SDXLDenoiser(unet, schedule, prediction_type, adapter=None, shared=True, gan_layer=None),

@@ -233,9 +233,8 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     frozen = DTYPES[m.frozen_dtype]
     nets = build_networks(parts.unet, parts.schedule, parts.prediction_type, m.memory_mode, m.lora_rank, m.lora_alpha,
                           m.lora_targets, frozen).to(device)
-    for enc in (parts.text_encoder, parts.text_encoder_2):
-        enc.to(device, frozen)
-    parts.vae.to(device, DTYPES[m.vae_dtype])
+    for module, dtype in ((parts.text_encoder, frozen), (parts.text_encoder_2, frozen), (parts.vae, DTYPES[m.vae_dtype])):
+        module.to(device) if next(module.parameters()).dtype == dtype else module.to(device, dtype)
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2)
     res = m.resolution
     scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
@@ -365,6 +364,7 @@ PRESETS = {
         "model.lora_rank": 4, "model.lora_alpha": 4.0, "model.gan_hidden": 16, "model.gan_depth": 1,
         "model.guidance_scale": 8.0, "train.max_steps": 4, "train.batch_size": 2, "train.lr_generator": 1e-3,
         "train.lr_critic": 1e-3, "train.checkpoint_every": 4, "train.log_every": 2, "train.ema_decay": 0.9,
+        "train.sample_every": 4,
         "train.device": "cpu", "train.progress": False, "train.grad_checkpointing": True, "critic.ratio": 2,
         "sampler.steps": 2, "objective.gan_generator_weight": 5e-3, "objective.gan_discriminator_weight": 1e-2,
     },

@@ -222,3 +222,18 @@ def test_bad_mode_and_missing_adapter():
 
     with pytest.raises(ValueError, match="memory_mode"):
         build_networks(torch.nn.Linear(2, 2), DiffusersVPSchedule(), mode="half")
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "shared-base"])
+def test_bf16_frozen_weights_fp32_trained_weights_from_the_loaded_ones(parts, mode):
+    loaded = {n: p.clone() for n, p in parts.unet.named_parameters()}
+    nets = build_networks(copy.deepcopy(parts.unet), parts.schedule, mode=mode, lora_rank=4, lora_alpha=4,
+                          frozen_dtype=torch.bfloat16)
+    frozen = nets.hidden_unets[0] if mode == "shared-base" else nets.teacher.unet
+    assert frozen.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in nets.generator.parameters())
+    assert all(p.dtype == torch.float32 for p in nets.fake_score.parameters())
+    if mode != "shared-base":  # full trained copies start from the loaded fp32 weights, not their bf16 rounding
+        trained = nets.generator.unet_module if mode == "full" else nets.fake_score.unet_module
+        for n, p in trained.named_parameters():
+            assert torch.equal(p, loaded[n]), n

@@ -54,6 +54,7 @@ def test_tiny_preset_trains_each_memory_mode(tiny_runs, mode):
         for k in ("loss_dm", "loss_fake", "loss_gan_d", "loss_gan_g", "grad_norm_generator", "grad_norm_critic"):
             assert math.isfinite(r[k]), (k, r)
         assert r["grad_norm_generator"] > 0 and r["grad_norm_critic"] > 0
+    assert (out / "samples" / "step-00000004.png").is_file()
     ck = out / "checkpoints" / "checkpoint-00000004"
     gen = load_file(str(ck / "generator.safetensors"))
     fake = load_file(str(ck / "fake_score.safetensors"))
