@@ -426,10 +426,9 @@ class SDXLDenoiser(nn.Module):
             return self.schedule.x0_from_v(x_t, out.to(x_t.dtype), t)
         return out.to(x_t.dtype)
 
-    def adapter_state_dict(self, sd: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """``{peft parameter name: tensor}`` from this module's (or a saved) state dict of a ``shared`` denoiser."""
-        sd = self.state_dict() if sd is None else sd
-        return {_unescape(k[len("adapter_params."):]): v for k, v in sd.items() if k.startswith("adapter_params.")}
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """``{peft parameter name: tensor}`` of a ``shared`` denoiser's adapter."""
+        return adapter_weights_from_checkpoint(self.state_dict())
 
 
 def adapter_weights_from_checkpoint(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from dmd2.core import FeatureHooks
-from dmd2.models.sdxl import SDXLDenoiser
 from dmd2.recipes.sdxl import RECIPE, build
 from dmd2.train import resolve_config
 

@@ -217,11 +217,11 @@ def test_full_mode_copies_are_independent(parts):
     assert all(p.requires_grad for p in nets.generator.parameters())
 
 
-def test_bad_mode_and_missing_adapter():
-    from dmd2.models.sdxl_tiny import write_tiny_sdxl  # noqa: F401
-
+def test_bad_mode_and_missing_adapter(parts):
     with pytest.raises(ValueError, match="memory_mode"):
         build_networks(torch.nn.Linear(2, 2), DiffusersVPSchedule(), mode="half")
+    with pytest.raises(ValueError, match="no LoRA adapter named 'g'"):
+        SDXLDenoiser(parts.unet, parts.schedule, adapter="g", shared=True)
 
 
 @pytest.mark.parametrize("mode", ["full", "lora", "shared-base"])

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from dmd2.core import BackwardSimulationSampler
 from dmd2.models.sdxl import PromptEncoder, SDXLDenoiser, load_sdxl
-from dmd2.recipes.sdxl import PRESETS, RECIPE, grid
+from dmd2.recipes.sdxl import RECIPE, grid
 from dmd2.train import main, resolve_config
 
 MODES = ["full", "lora", "shared-base"]
