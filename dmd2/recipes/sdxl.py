@@ -6,6 +6,7 @@ Presets + builders on :mod:`dmd2.train` (no loop of its own)::
     python -m dmd2.recipes.sdxl --preset single-gpu ...          # shared-base: one SDXL copy, fits one 80 GB GPU
     python -m dmd2.recipes.sdxl --preset tiny --out runs/tiny     # CPU, no download (tiny SDXL-shaped components)
     python -m dmd2.recipes.sdxl export CKPT OUT                   # diffusers StableDiffusionXLPipeline folder
+    python -m dmd2.recipes.sdxl sample CKPT OUT.png ["a prompt" ...]   # a sample grid from a checkpoint
     python -m dmd2.recipes.sdxl memory                            # memory plan per mode (meta-device SDXL UNet)
     python -m dmd2.recipes.sdxl cache-latents OUT_DIR             # VAE latents of data.real, for data.real_kind=latents
 
@@ -304,6 +305,40 @@ def export_command(cfg: SDXLConfig, args: list[str]) -> int:
     return 0
 
 
+def sample_command(cfg: SDXLConfig, args: list[str]) -> int:
+    """``sample CKPT OUT.png [PROMPT ...]``: a grid from a checkpoint's generator (EMA when present) through our
+    sampler on the run's grid; prompts default to four of the run's prompt file. Seed: ``train.seed``."""
+    from ..core import BackwardSimulationSampler
+    from ..models.sdxl import PromptEncoder, SDXLDenoiser
+    from ..train.monitor import save_png
+    from .sdxl_export import load_student_unet
+
+    if len(args) < 2:
+        raise ValueError("usage: python -m dmd2.recipes.sdxl sample CKPT OUT.png [PROMPT ...]")
+    unet, run_cfg, parts = load_student_unet(args[0], cfg.export.weights, fuse=True)
+    prompts = args[2:]
+    if not prompts:
+        from ..data.prompts import read_prompts
+
+        src = run_cfg.data.prompts or str(Path(run_cfg.train.out) / "tiny-data" / "prompts.txt")
+        prompts = read_prompts(src, key=run_cfg.data.prompt_key or None)[:4]
+    dev = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    for module in (unet, parts.text_encoder, parts.text_encoder_2, parts.vae):
+        module.to(dev)
+    res = run_cfg.model.resolution
+    encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2)
+    G = SDXLDenoiser(unet, parts.schedule, parts.prediction_type, gan_layer=None)
+    sampler = BackwardSimulationSampler(parts.schedule, run_cfg.sampler.grid(grid))
+    scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    g = torch.Generator(device=dev).manual_seed(cfg.train.seed)
+    noise = torch.randn((len(prompts), unet.config.in_channels, res // scale, res // scale), generator=g, device=dev)
+    with torch.no_grad():
+        x0 = sampler.sample(G, noise, encoder.cond(prompts, res, res), generator=g)
+        img = parts.vae.decode(x0 / parts.vae.config.scaling_factor, return_dict=False)[0]
+    print(save_png(img.float().clamp(-1, 1), args[1]))
+    return 0
+
+
 def memory_command(cfg: SDXLConfig, args: list[str]) -> int:
     """``memory [--json]``: the memory plan per mode from a meta-device SDXL UNet (:mod:`dmd2.recipes.sdxl_memory`)."""
     from .sdxl_memory import memory_table, memory_plan
@@ -374,7 +409,7 @@ PRESETS = {
 DEFAULT_CONFIG = apply_overrides(SDXLConfig(), _PAPER)
 
 RECIPE = Recipe(name="sdxl", config=DEFAULT_CONFIG, build=build, presets=PRESETS,
-                commands={"export": export_command, "memory": memory_command, "cache-latents": cache_latents_command,
+                commands={"export": export_command, "sample": sample_command, "memory": memory_command, "cache-latents": cache_latents_command,
                           "eval": eval_command})
 
 if __name__ == "__main__":
