@@ -147,13 +147,13 @@ def load_sdxl(path: str | Path, dtype: torch.dtype = torch.float32, local_files_
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    path = str(path)
+    path = str(Path(path).expanduser()) if str(path).startswith("~") else str(path)
     local_only = is_offline(local_files_only)
     unknown = set(components) - set(SUBFOLDERS)
     if unknown:
         raise ValueError(f"load_sdxl: unknown components {sorted(unknown)}; expected among {list(SUBFOLDERS)}")
     p = Path(path)
-    looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+    looks_local = p.exists() or path.startswith((".", "/")) or path.count("/") != 1
     if looks_local:
         if not p.is_dir():
             raise ValueError(f"model.path {path!r} is not a folder; expected a diffusers SDXL folder with "
