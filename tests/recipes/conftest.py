@@ -5,14 +5,14 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
+def sdxl_tiny_base(tmp_path_factory) -> Path:
     from dmd2.models.sdxl_tiny import write_tiny_sdxl
 
     return write_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-base", seed=0)
 
 
 @pytest.fixture(scope="session")
-def tiny_runs(tmp_path_factory):
+def sdxl_tiny_runs(tmp_path_factory):
     """``mode -> run folder`` of the tiny preset, trained lazily once per mode per session."""
     from dmd2.recipes.sdxl import RECIPE
     from dmd2.train import main

@@ -68,21 +68,21 @@ def test_missing_real_data_and_prompts(tiny_out, tmp_path):
         build(_cfg(tiny_out, "model.memory_mode=lora", "train.distributed=fsdp2"))
 
 
-def test_resolve_checkpoint_newest_of_a_run(tiny_runs):
+def test_resolve_checkpoint_newest_of_a_run(sdxl_tiny_runs):
     from dmd2.recipes.sdxl_export import resolve_checkpoint
 
-    run = tiny_runs("shared-base")
+    run = sdxl_tiny_runs("shared-base")
     assert resolve_checkpoint(run) == run / "checkpoints" / "checkpoint-00000004"
     assert resolve_checkpoint(run / "checkpoints" / "checkpoint-00000004").name == "checkpoint-00000004"
 
 
-def test_sample_command_writes_a_grid(tiny_runs, tmp_path):
+def test_sample_command_writes_a_grid(sdxl_tiny_runs, tmp_path):
     from PIL import Image
 
     from dmd2.train import main
 
     out = tmp_path / "grid.png"
-    assert main(RECIPE, ["sample", str(tiny_runs("lora")), str(out), "a red cube", "the cat"]) == 0
+    assert main(RECIPE, ["sample", str(sdxl_tiny_runs("lora")), str(out), "a red cube", "the cat"]) == 0
     img = Image.open(out)
     assert img.size[0] >= 2 * 32 and img.size[1] >= 32
-    assert main(RECIPE, ["sample", str(tiny_runs("lora"))]) == 2
+    assert main(RECIPE, ["sample", str(sdxl_tiny_runs("lora"))]) == 2

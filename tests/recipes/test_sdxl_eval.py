@@ -31,14 +31,14 @@ class _ConstClip:
         return toks
 
 
-def test_evaluate_pipeline_on_tiny_export(tiny_runs, tmp_path):
+def test_evaluate_pipeline_on_tiny_export(sdxl_tiny_runs, tmp_path):
     from PIL import Image
 
     from dmd2.recipes.sdxl import RECIPE
     from dmd2.train import main
 
     pipe_dir = tmp_path / "pipe"
-    assert main(RECIPE, ["export", str(tiny_runs("shared-base")), str(pipe_dir)]) == 0
+    assert main(RECIPE, ["export", str(sdxl_tiny_runs("shared-base")), str(pipe_dir)]) == 0
     images = [{"id": 100 + i, "file_name": f"COCO_val2014_{100 + i:012d}.jpg"} for i in range(4)]
     anns = [{"image_id": 100 + i, "id": i, "caption": f"a red cube {i}"} for i in range(4)]
     caps = tmp_path / "captions_val2014.json"

@@ -10,8 +10,8 @@ from dmd2.models.sdxl_tiny import TINY_TEXT_DIM
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_base):
-    return load_sdxl(tiny_base, local_files_only=True)
+def parts(sdxl_tiny_base):
+    return load_sdxl(sdxl_tiny_base, local_files_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +53,14 @@ def test_schedule_tables_are_diffusers_float32(parts):
 
 
 # ------------------------------------------------------------------------------------------------ prompts
-def test_prompt_embeddings_shapes_and_equal_to_diffusers(tiny_base, encoder):
+def test_prompt_embeddings_shapes_and_equal_to_diffusers(sdxl_tiny_base, encoder):
     from diffusers import StableDiffusionXLPipeline
 
     c = _cond(encoder)
     assert c["encoder_hidden_states"].shape == (2, 77, 2 * TINY_TEXT_DIM)
     assert c["text_embeds"].shape == (2, TINY_TEXT_DIM)
     assert torch.equal(c["time_ids"], torch.tensor([[32.0, 32, 0, 0, 32, 32]] * 2))
-    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_base)
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_tiny_base)
     emb, _, pooled, _ = pipe.encode_prompt(["a red cube", "the cat on a mat"], do_classifier_free_guidance=False)
     assert torch.equal(c["encoder_hidden_states"], emb)
     assert torch.equal(c["text_embeds"], pooled)

@@ -46,8 +46,8 @@ def test_dry_run_and_bad_mode(capsys):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_tiny_preset_trains_each_memory_mode(tiny_runs, mode):
-    out = tiny_runs(mode)
+def test_tiny_preset_trains_each_memory_mode(sdxl_tiny_runs, mode):
+    out = sdxl_tiny_runs(mode)
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [2, 4]
     for r in logs:
@@ -85,13 +85,13 @@ def _ours_and_pipeline(pipe, G, schedule, timesteps, encoder, seed=7, lora_dir=N
 
 
 @pytest.mark.parametrize("timesteps", [[399], [999, 749, 499, 249]])
-def test_student_scheduler_reproduces_the_sampler_exactly(tiny_base, timesteps):
+def test_student_scheduler_reproduces_the_sampler_exactly(sdxl_tiny_base, timesteps):
     """Scheduler + per-step noise: diffusers' pipeline with our LCMScheduler settings runs our sampler's steps."""
     from diffusers import StableDiffusionXLPipeline
 
     from dmd2.recipes.sdxl_export import student_scheduler
 
-    parts = load_sdxl(tiny_base, local_files_only=True)
+    parts = load_sdxl(sdxl_tiny_base, local_files_only=True)
     pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
                                      tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, unet=parts.unet,
                                      scheduler=student_scheduler(parts.schedule, timesteps), add_watermarker=False)
@@ -105,12 +105,12 @@ def test_student_scheduler_reproduces_the_sampler_exactly(tiny_base, timesteps):
 
 
 @pytest.mark.parametrize("mode,fmt", [("full", "fused"), ("lora", "lora"), ("shared-base", "fused"), ("shared-base", "lora")])
-def test_export_round_trip(tiny_runs, tmp_path, mode, fmt):
+def test_export_round_trip(sdxl_tiny_runs, tmp_path, mode, fmt):
     from diffusers import StableDiffusionXLPipeline
 
     from dmd2.recipes.sdxl_export import load_student_unet
 
-    run = tiny_runs(mode)
+    run = sdxl_tiny_runs(mode)
     out = tmp_path / "pipe"
     assert main(RECIPE, ["export", str(run), str(out), f"export.lora_format={fmt}"]) == 0
     info = json.loads((out / "dmd2.json").read_text())
@@ -160,13 +160,13 @@ def test_memory_plan_sdxl():
     assert "| `shared-base` |" in memory_table(plan)
 
 
-def test_lora_param_count_matches_peft(tiny_base):
+def test_lora_param_count_matches_peft(sdxl_tiny_base):
     import copy
 
     from dmd2.models.sdxl import add_lora
     from dmd2.recipes.sdxl_memory import lora_param_count
 
-    unet = load_sdxl(tiny_base, local_files_only=True, components=("unet",)).unet
+    unet = load_sdxl(sdxl_tiny_base, local_files_only=True, components=("unet",)).unet
     expected = lora_param_count(unet, 4)
     u = copy.deepcopy(unet)
     names = add_lora(u, "x", rank=4)
