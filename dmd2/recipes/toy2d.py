@@ -39,7 +39,7 @@ class Mixture:
 
     modes: int = 8
     radius: float = 2.0
-    std: float = 0.05
+    std: float = 0.15
 
     def means(self) -> torch.Tensor:
         a = torch.arange(self.modes, dtype=torch.float64) * (2 * math.pi / self.modes)
@@ -285,7 +285,8 @@ def main(argv=None) -> dict:
         samples[name] = ev.pop("samples")
         results[name] = {**ev, **info, "config": asdict(cfg)}
         cov = ev["coverage"]
-        print(f"{name:24s} sliced W2 {ev['sliced_w2']:.4f}  min mode share {min(cov):.3f}  "
+        print(f"{name:24s} sliced W2 {ev['sliced_w2']:.4f} ({ev['sliced_w2'] / fl:.1f}x floor)  on-mode {sum(cov):.3f}  "
+              f"min mode share {min(cov):.3f}  "
               f"k histogram {info['k_histogram']}  {info['seconds']:.1f} s", flush=True)
     (out / "toy2d.json").write_text(json.dumps({"floor": fl, "runs": results}, indent=2))
     import matplotlib

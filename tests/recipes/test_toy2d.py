@@ -2,10 +2,14 @@
 gradient alone must take a generator onto all 8 modes, and the same check must fail for an untrained generator
 and for a run with the gradient's sign flipped.
 
-Threshold: the sliced W2 to fresh true samples (N = 4,000 each) must be below 3x the true-vs-true distance at the
-same N. At this N that floor (~0.12-0.13) is dominated by multinomial mode-count noise, so a perfect sampler
-measures ~1x floor; an untrained generator measures ~11x floor (1.41); losing the balance of the modes or smearing
-them shows up between. The 5%-per-mode coverage check catches a dropped mode (an even share is 12.5%).
+The check (``passes``), on N = 4,000 samples against 4,000 fresh true samples:
+
+* sliced W2 below 2.5x the true-vs-true distance at the same N. That floor (0.074 for this mixture) is dominated by
+  multinomial mode-count noise, so a perfect sampler measures ~1x floor. Measured here: 1-step 1.9x, 4-step 1.8x;
+  an untrained generator 19x; a 4-step student with ONE fake score pooled over its steps 5.4x (it unbalances modes).
+* every mode holds >= 5% of the samples ON it (within 4 std of its centre; an even share is 12.5%), and at least
+  75% of all samples lie on a mode (a true sample does with probability 0.9997; a generator that smears mass along
+  the ring between modes - nearest-mode shares can then still look even - fails this).
 """
 import pytest
 import torch
@@ -13,20 +17,21 @@ import torch
 from dmd2.recipes.toy2d import Mixture, ToyConfig, evaluate, floor, train
 
 MIX = Mixture()
-FACTOR = 3.0
+FACTOR = 2.5
+ON_MODE = 0.75
 ONE_STEP = ToyConfig(steps=1)  # random init, 10k iterations, EMA 0.995
 # 4 steps need a fake score told the student's step (one pooled fake score collapses: see the closing note)
 FOUR_STEP = ToyConfig(steps=4, init="teacher", fake_step_conditioning=True)
 
 
 def passes(ev: dict, fl: float) -> bool:
-    return min(ev["coverage"]) >= 0.05 and ev["sliced_w2"] < FACTOR * fl
+    return min(ev["coverage"]) >= 0.05 and sum(ev["coverage"]) >= ON_MODE and ev["sliced_w2"] < FACTOR * fl
 
 
 @pytest.fixture(scope="module")
 def true_floor():
     fl = floor(MIX)
-    assert 0.05 < fl < 0.2  # N = 4,000: mode-count noise dominates
+    assert 0.05 < fl < 0.1  # N = 4,000: mode-count noise dominates
     return fl
 
 
