@@ -46,6 +46,7 @@ def main():
     base_grad = m.base.weight.grad
     print(f"RESULT rank={dist.get_rank()} frozen_grad={frozen_grad is None} base_grad={base_grad is None} "
           f"dtype={g.dtype} norm={g.double().norm().item()!r}", flush=True)
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 
