@@ -73,7 +73,7 @@ class GANHead(nn.Module):
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(features) != len(self.in_channels):
             raise ValueError(f"GANHead: expected {len(self.in_channels)} feature maps, got {len(features)}")
-        logits = None
+        logits = torch.zeros(features[0].shape[0], dtype=torch.float32, device=features[0].device)
         for i, (f, branch, out) in enumerate(zip(features, self.branches, self.out)):
             if f.dim() == 2:
                 f = f[:, :, None, None]
@@ -82,8 +82,7 @@ class GANHead(nn.Module):
                     f"GANHead: feature {i} must be (B, {self.in_channels[i]}, H, W) or (B, {self.in_channels[i]}), got {tuple(f.shape)}"
                 )
             h = branch(f.to(out.weight.dtype))
-            li = out(h.mean(dim=(2, 3))).squeeze(1).float()
-            logits = li if logits is None else logits + li
+            logits = logits + out(h.mean(dim=(2, 3))).squeeze(1).float()  # out of place: a new tensor, not a view
         return logits
 
 

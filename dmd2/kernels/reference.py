@@ -25,22 +25,11 @@ def check_dm_inputs(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tenso
 
     Only metadata is read: no host synchronisation.
     """
-    for name, t in (("x", x), ("real_x0", real_x0), ("fake_x0", fake_x0)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() < 1:
-            raise ValueError(f"{name} must have a leading batch dimension (B, ...), got a 0-d tensor")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor (fp32, bf16 or fp16), got {t.dtype}")
+    _check_batched("x", x)
     for name, t in (("real_x0", real_x0), ("fake_x0", fake_x0)):
-        if t.shape[0] != x.shape[0]:
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] != x.shape[0]:
             raise ValueError(f"batch size mismatch: x has B={x.shape[0]} but {name} has B={t.shape[0]}")
-        if t.shape != x.shape:
-            raise ValueError(f"shape mismatch: expected {name} of shape {tuple(x.shape)} (like x), got {tuple(t.shape)}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"dtype mismatch: expected {name} of dtype {x.dtype} (like x), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"device mismatch: expected {name} on {x.device} (like x), got {t.device}")
+        _check_like(name, t, x)
 
 
 def dm_grad(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

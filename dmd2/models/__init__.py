@@ -1,4 +1,5 @@
-"""Networks the library owns (EDM's ADM UNet, with EDM's parameter names) and safe checkpoint loaders."""
+"""Networks the library owns (EDM's ADM UNet, with EDM's parameter names), safe checkpoint loaders, and SDXL through
+diffusers (:mod:`dmd2.models.sdxl`: loading, prompt encoding, LoRA, memory modes)."""
 from .adm import (
     EDM_IMAGENET64_SIGMA_DATA,
     ADMConfig,

@@ -39,7 +39,7 @@ class Mixture:
 
     modes: int = 8
     radius: float = 2.0
-    std: float = 0.05
+    std: float = 0.15
 
     def means(self) -> torch.Tensor:
         a = torch.arange(self.modes, dtype=torch.float64) * (2 * math.pi / self.modes)
@@ -79,10 +79,14 @@ class MLP(nn.Module):
     """``F(x_in (B, 2), c_noise (B,), labels=None, step_index=None) -> (B, 2)``: an MLP with a Fourier noise embedding
     and an optional step-index embedding; ``zero_out`` initialises the last layer to 0."""
 
-    def __init__(self, hidden: int = 128, depth: int = 3, num_steps: int = 0, zero_out: bool = False):
+    def __init__(self, hidden: int = 128, depth: int = 3, num_steps: int = 0, zero_out: bool = False,
+                 input_features: int = 0, feature_scale: float = 1.0):
         super().__init__()
         self.register_buffer("freqs", torch.arange(1, 9, dtype=torch.float32) * math.pi / 2, persistent=False)
-        self.inp = nn.Linear(2 + 16, hidden)
+        # optional random Fourier features of the input (fixed): lets a small MLP make sharp maps (spectral bias)
+        g = torch.Generator().manual_seed(1234)
+        self.register_buffer("proj", feature_scale * torch.randn(2, input_features, generator=g), persistent=False)
+        self.inp = nn.Linear(2 + 16 + 2 * input_features, hidden)
         self.step_emb = nn.Embedding(num_steps, hidden) if num_steps else None
         self.body = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
         self.out = nn.Linear(hidden, 2)
@@ -92,7 +96,8 @@ class MLP(nn.Module):
 
     def forward(self, x, c_noise, labels=None, step_index=None):
         e = c_noise[:, None] * self.freqs[None]
-        h = self.inp(torch.cat([x, e.sin(), e.cos()], dim=1))
+        xp = x @ self.proj
+        h = self.inp(torch.cat([x, e.sin(), e.cos(), xp.sin(), xp.cos()], dim=1))
         if self.step_emb is not None:
             if step_index is None:
                 raise ValueError("this MLP is step-conditioned: pass step_index (B,)")
@@ -137,10 +142,15 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: in
     return float(((pa - pb) ** 2).mean().sqrt())
 
 
-def mode_coverage(x: torch.Tensor, mixture: Mixture) -> list[float]:
-    """Fraction of samples whose nearest mode is each mode."""
-    k = torch.cdist(x.float(), mixture.means()).argmin(dim=1)
-    return (torch.bincount(k, minlength=mixture.modes).float() / x.shape[0]).tolist()
+def mode_coverage(x: torch.Tensor, mixture: Mixture, radius_stds: float = 2.5) -> list[float]:
+    """Fraction of samples that lie ON each mode: within ``radius_stds`` standard deviations of its centre (a true
+    sample does so with probability ``1 - exp(-radius_stds^2 / 2)``: 0.956 at 2.5). Mass smeared between modes
+    counts for none of them: a uniform ring through the modes scores only ~0.43 in all, although its nearest-mode
+    shares are even and its sliced W2 is small."""
+    d = torch.cdist(x.float(), mixture.means())
+    dist, k = d.min(dim=1)
+    on = dist < radius_stds * mixture.std
+    return (torch.bincount(k[on], minlength=mixture.modes).float() / x.shape[0]).tolist()
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -148,16 +158,24 @@ def mode_coverage(x: torch.Tensor, mixture: Mixture) -> list[float]:
 
 @dataclass(frozen=True)
 class ToyConfig:
-    """One toy run. ``steps``: the student's sampling steps (1 or more). ``init``: "random" or "teacher"
-    (exact denoiser plus a zero-initialised MLP correction). ``flip_sign`` negates the DM loss (a negative control)."""
+    """One toy run. ``steps``: the student's sampling steps (1 or more). ``init`` (generator) and ``fake_init``:
+    "random" (plain EDM preconditioning) or "teacher" (exact denoiser plus a zero-initialised MLP correction).
+    ``gen_features``: fixed random Fourier features of the generator's input (a plain small MLP is biased to smooth
+    maps and smears mass between the modes: measured on-mode mass 0.57 without, 0.88 with, 1-step at 20k iterations).
+    ``flip_sign`` negates the DM loss (a negative control). ``ema_decay``: the evaluated weights are the EMA."""
 
     steps: int = 1
-    iters: int = 10000
+    iters: int = 20000
     batch: int = 256
     lr_generator: float = 1e-3
     lr_critic: float = 1e-3
     ratio: int = 5
     init: str = "random"
+    fake_init: str = "teacher"
+    gen_depth: int = 3
+    gen_features: int = 32
+    gen_feature_scale: float = 1.0
+    gen_betas: tuple = (0.0, 0.99)
     fake_step_conditioning: bool = False
     flip_sign: bool = False
     seed: int = 0
@@ -179,9 +197,13 @@ def build(cfg: ToyConfig, mixture: Mixture):
     gen_base = MixtureDenoiser(mixture) if cfg.init == "teacher" else None
     if cfg.init not in ("random", "teacher"):
         raise ValueError(f"init must be 'random' or 'teacher', got {cfg.init!r}")
-    generator = Precond(MLP(cfg.hidden, zero_out=cfg.init == "teacher"), mixture.data_std, base=gen_base)
+    generator = Precond(MLP(cfg.hidden, cfg.gen_depth, zero_out=cfg.init == "teacher", input_features=cfg.gen_features,
+                            feature_scale=cfg.gen_feature_scale), mixture.data_std, base=gen_base)
     nsteps = cfg.steps if cfg.fake_step_conditioning else 0
-    fake = Precond(MLP(cfg.hidden, num_steps=nsteps, zero_out=True), mixture.data_std, base=MixtureDenoiser(mixture))
+    if cfg.fake_init not in ("random", "teacher"):
+        raise ValueError(f"fake_init must be 'random' or 'teacher', got {cfg.fake_init!r}")
+    fake_base = MixtureDenoiser(mixture) if cfg.fake_init == "teacher" else None
+    fake = Precond(MLP(cfg.hidden, num_steps=nsteps, zero_out=cfg.fake_init == "teacher"), mixture.data_std, base=fake_base)
     sampler = BackwardSimulationSampler(schedule, student_sigmas(schedule, cfg.steps))
     return teacher, generator, fake, schedule, sampler
 
@@ -198,7 +220,7 @@ def train(cfg: ToyConfig, mixture: Mixture = Mixture(), log_every: int = 0):
     teacher, generator, fake, schedule, sampler = build(cfg, mixture)
     dmd = DMD2(generator, fake, teacher, schedule, sampler,
                config=DMD2Config(fake_step_conditioning=cfg.fake_step_conditioning))
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator, betas=(0.0, 0.99))
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.lr_generator, betas=tuple(cfg.gen_betas))
     opt_c = torch.optim.Adam(fake.parameters(), lr=cfg.lr_critic, betas=(0.0, 0.99))
     ema = EMA(generator, cfg.ema_decay) if cfg.ema_decay > 0 else None
     sched = CriticScheduler(cfg.ratio)
@@ -277,7 +299,8 @@ def main(argv=None) -> dict:
         samples[name] = ev.pop("samples")
         results[name] = {**ev, **info, "config": asdict(cfg)}
         cov = ev["coverage"]
-        print(f"{name:24s} sliced W2 {ev['sliced_w2']:.4f}  min mode share {min(cov):.3f}  "
+        print(f"{name:24s} sliced W2 {ev['sliced_w2']:.4f} ({ev['sliced_w2'] / fl:.1f}x floor)  on-mode {sum(cov):.3f}  "
+              f"min mode share {min(cov):.3f}  "
               f"k histogram {info['k_histogram']}  {info['seconds']:.1f} s", flush=True)
     (out / "toy2d.json").write_text(json.dumps({"floor": fl, "runs": results}, indent=2))
     import matplotlib

@@ -91,8 +91,18 @@ class Trainable:
     def __init__(self, modules: Iterable[nn.Module]):
         self.modules = [m for m in modules if m is not None]
         self.names = [[n for n, p in m.named_parameters() if p.requires_grad] for m in self.modules]
+        self._fixed: list[nn.Parameter] | None = None
 
     def parameters(self) -> list[nn.Parameter]:
+        # FSDP2 swaps sharded / unsharded parameter objects on the module (and fully_shard replaces them when it
+        # wraps), so under FSDP2 look them up by name every time; elsewhere they are fixed and looked up once.
+        if any(is_fsdp(m) for m in self.modules):
+            return self._lookup()
+        if self._fixed is None:
+            self._fixed = self._lookup()
+        return self._fixed
+
+    def _lookup(self) -> list[nn.Parameter]:
         out = []
         for m, names in zip(self.modules, self.names):
             params = dict(m.named_parameters())

@@ -44,8 +44,11 @@ def main():
     m(y).pow(2).sum().backward()
     g = m.adapter.weight.grad.full_tensor()
     base_grad = m.base.weight.grad
-    print(f"RESULT rank={dist.get_rank()} frozen_grad={frozen_grad is None} base_grad={base_grad is None} "
-          f"dtype={g.dtype} norm={g.double().norm().item()!r}", flush=True)
+    # one write per line: the two ranks share the pipe
+    sys.stdout.write(f"RESULT rank={dist.get_rank()} frozen_grad={frozen_grad is None} base_grad={base_grad is None} "
+                     f"dtype={g.dtype} norm={g.double().norm().item()!r}\n")
+    sys.stdout.flush()
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 

@@ -99,7 +99,7 @@ def test_fsdp2_freeze_toggle_with_mixed_precision():
     (Without the trainer's lazy-init guard this crashes: 'attempting to assign a gradient with dtype BFloat16 to a
     tensor with grad_dtype Float'.)"""
     proc = torchrun(None, script=ROOT / "tests" / "train" / "fsdp_freeze_worker.py")
-    results = re.findall(r"RESULT rank=(\d) frozen_grad=(\w+) base_grad=(\w+) dtype=(\S+) norm=(\S+)", proc.stdout)
+    results = re.findall(r"RESULT rank=(\d) frozen_grad=(\w+) base_grad=(\w+) dtype=(\S+) norm=([0-9.eE+-]+)", proc.stdout)
     assert len(results) == 2, proc.stdout + proc.stderr[-3000:]
     for _, frozen_none, base_none, dtype, _ in results:
         assert frozen_none == "True" and base_none == "True" and dtype == "torch.float32"

@@ -1,7 +1,6 @@
 """Single-process engine properties: exact resume (and its negative control), write-then-rename, keep-last-K,
 SIGTERM, NaN stop, bf16 autocast, gradient checkpointing."""
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from dmd2.recipes import tiny
-from dmd2.train import NonFiniteError, Recipe, main
+from dmd2.train import NonFiniteError, main
 from dmd2.train import checkpoint as ckpt
 
 from train_helpers import BASE, ROOT, assert_tree_equal, log_records, losses, run_inprocess, weights

@@ -1,0 +1,407 @@
+r"""ImageNet-64: distil EDM's class-conditional ADM teacher into a 1-step generator (DMD2, Yin et al. 2024, Sec. 5.1).
+
+Networks (all ``EDMPrecond(ADMNet)`` denoisers, EDM preconditioning, sigma_data 0.5):
+
+* teacher ``D_real``: EDM's ``edm-imagenet-64x64-cond-adm.pkl`` (read without running code from the file, or its
+  ``python -m dmd2.models.convert_edm`` safetensors), frozen;
+* generator ``G`` and fake score ``D_fake``: copies of the teacher (DMD2 initialises both from it), dropout 0;
+* GAN head on ``D_fake``'s bottleneck (``model.enc.8x8_block2``, 768 x 8 x 8), a diffusion GAN over the whole
+  noise range (``t'`` uniform over the full 1000-point Karras grid).
+
+1-step generation: ``x = G(80 z, sigma = 80, c)``, ``z ~ N(0, I)``. Schedule: Karras sigmas 0.002..80, rho 7; the DM
+term and the fake score's denoising loss draw ``t`` over 2%..98% of the grid. An ``N``-step student uses the first
+``N`` sigmas of an ``N + 1``-point Karras grid (``--steps N``; 1 step -> ``[80]``).
+
+Paper hyperparameters (preset ``paper``, also the defaults): AdamW lr 2e-6 for both, betas (0.9, 0.999), weight decay
+0.01, batch 40 per GPU (7 GPUs), critic ratio 5 (TTUR), GAN weights 3e-3 (G) / 1e-2 (D), bf16, grad clip 10,
+200k iterations -> FID 1.51. (1.28: a longer run, see docs/imagenet64.md.)
+
+Command line (``dmd2.train`` grammar)::
+
+    torchrun --nproc_per_node 7 -m dmd2.recipes.imagenet64 teacher.path=edm-imagenet-64x64-cond-adm.safetensors \
+        data.path=imagenet-64x64.zip train.distributed=ddp --out runs/imagenet64
+    python -m dmd2.recipes.imagenet64 --preset tiny          # CPU, seconds, no files needed
+    python -m dmd2.recipes.imagenet64 sample CKPT [OUT.png]  # a grid of 64 images from a checkpoint
+
+For users: :func:`load_generator` ``(checkpoint) -> ImageNet64Generator``, ``gen(noise, labels) -> images``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..core import BackwardSimulationSampler, EDMSchedule, GANHead
+from ..models.adm import ADMConfig, UNetBlock, bottleneck_name, build_edm_adm
+from ..train import Components, Recipe, RecipeConfig, main
+from ..train.config import apply_overrides, config_from_dict
+from ..train.data import IndexedBatches
+
+__all__ = [
+    "ModelConfig", "TeacherConfig", "DataConfig", "GANConfig", "InitConfig", "ImageNet64Config",
+    "SyntheticImages", "ImageNet64Generator", "student_grid", "build", "load_generator", "PRESETS", "RECIPE",
+]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ADM architecture of all three networks (EDM ``DhariwalUNet`` names; defaults = ImageNet-64, 295.9M).
+
+    ``dropout`` applies to the trained copies (DMD2 trains them without dropout); the teacher runs in eval mode.
+    """
+
+    img_resolution: int = 64
+    img_channels: int = 3
+    label_dim: int = 1000
+    model_channels: int = 192
+    channel_mult: tuple[int, ...] = (1, 2, 3, 4)
+    channel_mult_emb: int = 4
+    num_blocks: int = 3
+    attn_resolutions: tuple[int, ...] = (32, 16, 8)
+    channels_per_head: int = 64
+    dropout: float = 0.0
+    sigma_data: float = 0.5
+
+    def __post_init__(self):
+        self.adm()  # validates
+        if self.label_dim < 1:
+            raise ValueError(f"model.label_dim must be >= 1 (ImageNet-64 is class-conditional), got {self.label_dim}")
+        if self.sigma_data <= 0:
+            raise ValueError(f"model.sigma_data must be > 0, got {self.sigma_data}")
+
+    def adm(self) -> ADMConfig:
+        return ADMConfig(img_resolution=self.img_resolution, img_channels=self.img_channels, label_dim=self.label_dim,
+                         model_channels=self.model_channels, channel_mult=self.channel_mult,
+                         channel_mult_emb=self.channel_mult_emb, num_blocks=self.num_blocks,
+                         attn_resolutions=self.attn_resolutions, dropout=self.dropout, label_dropout=0.0,
+                         augment_dim=0, channels_per_head=self.channels_per_head)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.img_channels, self.img_resolution, self.img_resolution)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """``path``: EDM's ``.pkl`` (read safely) or its converted ``.safetensors``; ``random``: a randomly initialised
+    teacher instead (plumbing tests only); ``dtype``: ``float32`` or ``bfloat16`` storage of the frozen teacher."""
+
+    path: str = ""
+    random: bool = False
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"teacher.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Real images for the GAN discriminator: ``path`` = EDM's dataset zip or a folder of class sub-folders
+    (images at ``model.img_resolution``); or ``synthetic = N`` images made on the fly (tiny preset).
+    ``seed``: the per-epoch permutation seed."""
+
+    path: str = ""
+    synthetic: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.synthetic < 0:
+            raise ValueError(f"data.synthetic must be >= 0, got {self.synthetic}")
+
+
+@dataclass(frozen=True)
+class GANConfig:
+    """The GAN head on the fake score's bottleneck: ``depth`` strided 4x4 conv blocks of width ``hidden``."""
+
+    hidden: int = 768
+    depth: int = 2
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """``checkpoint``: start the generator, fake score (and GAN head, when both have one) from another run's
+    checkpoint folder instead of the teacher (a fresh run: optimizers and step start anew)."""
+
+    checkpoint: str = ""
+
+
+@dataclass(frozen=True)
+class ImageNet64Config(RecipeConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+class SyntheticImages(Dataset):
+    """``n`` deterministic class-conditional images ``(C, R, R)`` in [-1, 1] on the uint8 grid (``u / 127.5 - 1``),
+    label ``i mod classes``: a smooth per-class pattern plus per-image noise. Stands in for ImageNet in the tiny preset."""
+
+    def __init__(self, n: int, classes: int, shape: tuple[int, int, int], seed: int = 0):
+        if n < 1 or classes < 1:
+            raise ValueError(f"SyntheticImages: n and classes must be >= 1, got {n}, {classes}")
+        self.n, self.classes, self.shape, self.seed = n, classes, tuple(shape), seed
+        g = torch.Generator().manual_seed(seed)
+        c, r, _ = self.shape
+        coarse = torch.randn(classes, c, 4, 4, generator=g)
+        self.patterns = torch.tanh(nn.functional.interpolate(coarse, size=(r, r), mode="bilinear", align_corners=True))
+        self.num_classes = classes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} synthetic images")
+        label = i % self.classes
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i + 1)
+        x = 0.8 * self.patterns[label] + 0.1 * torch.randn(self.shape, generator=g)
+        u = ((x.clamp(-1, 1) + 1) * 127.5).round()
+        return u / 127.5 - 1.0, label
+
+
+def student_grid(steps: int, schedule: EDMSchedule) -> list[float]:
+    """The student's sigmas, noisiest first: the first ``steps`` points of a ``steps + 1``-point Karras grid,
+    starting exactly at ``sigma_max`` (1 step: ``[80.0]``)."""
+    sig = schedule.karras_sigmas(steps + 1).tolist()[:steps]
+    sig[0] = schedule.sigma_max
+    return sig
+
+
+def _open_data(cfg: ImageNet64Config):
+    d, m = cfg.data, cfg.model
+    if d.path and d.synthetic:
+        raise ValueError("set either data.path or data.synthetic, not both")
+    if d.synthetic:
+        return SyntheticImages(d.synthetic, m.label_dim, m.shape, seed=d.seed)
+    if not d.path:
+        raise ValueError("data.path is required: EDM's ImageNet-64 dataset zip (imagenet-64x64.zip) or a folder with "
+                         "one sub-folder per class (see docs/imagenet64.md)")
+    from ..data.images import open_image_dataset
+
+    ds = open_image_dataset(d.path, channels=m.img_channels, resolution=m.img_resolution)
+    if ds.num_classes > m.label_dim:
+        raise ValueError(f"{d.path}: {ds.num_classes} classes but model.label_dim is {m.label_dim}")
+    return ds
+
+
+def _load_teacher(cfg: ImageNet64Config) -> nn.Module:
+    t, m = cfg.teacher, cfg.model
+    arch = dataclasses.replace(m, dropout=0.0).adm()
+    if t.random:
+        if t.path:
+            raise ValueError("set either teacher.path or teacher.random=true, not both")
+        net = build_edm_adm(arch, sigma_data=m.sigma_data)
+    else:
+        if not t.path:
+            raise ValueError("teacher.path is required: EDM's edm-imagenet-64x64-cond-adm.pkl or its converted "
+                             ".safetensors (python -m dmd2.models.convert_edm IN.pkl OUT.safetensors)")
+        from ..models.edm_pickle import load_edm_adm
+
+        net = load_edm_adm(t.path, config=arch, sigma_data=m.sigma_data)
+    if t.dtype == "bfloat16":
+        net = net.to(torch.bfloat16)
+    return net.requires_grad_(False).eval()
+
+
+def _blocks(denoiser: nn.Module) -> list[nn.Module]:
+    return [b for b in denoiser.modules() if isinstance(b, UNetBlock)]
+
+
+def _load_init(cfg: ImageNet64Config, gen: nn.Module, fake: nn.Module, head: nn.Module | None) -> None:
+    from safetensors.torch import load_file
+
+    path = Path(cfg.init.checkpoint)
+    for name, module in (("generator", gen), ("fake_score", fake), ("gan_head", head)):
+        f = path / f"{name}.safetensors"
+        if module is None:
+            continue
+        if not f.is_file():
+            if name == "gan_head":
+                continue  # e.g. resuming a no-GAN run with a GAN: the head starts fresh
+            raise ValueError(f"init.checkpoint={path}: missing {f.name} (expected a checkpoint folder of this recipe)")
+        module.load_state_dict(load_file(str(f)), strict=True)
+
+
+def build(cfg: ImageNet64Config, info=None) -> Components:
+    """The recipe's components (on CPU; the trainer moves and wraps them). See the module docstring."""
+    m = cfg.model
+    schedule = EDMSchedule(sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=m.sigma_data)
+    sampler = BackwardSimulationSampler(schedule, cfg.sampler.grid(lambda n: student_grid(n, schedule)))
+    dataset = _open_data(cfg)
+    teacher = _load_teacher(cfg)
+    generator = copy.deepcopy(teacher).float().requires_grad_(True).train()
+    if m.dropout:
+        for mod in generator.modules():
+            if isinstance(mod, UNetBlock):
+                mod.dropout = m.dropout
+    fake_score = copy.deepcopy(generator)
+    gan_on = cfg.objective.gan_generator_weight > 0 or cfg.objective.gan_discriminator_weight > 0
+    head = GANHead([fake_score.model.bottleneck_channels], hidden=cfg.gan.hidden, depth=cfg.gan.depth) if gan_on else None
+    if cfg.init.checkpoint:
+        _load_init(cfg, generator, fake_score, head)
+    world = getattr(info, "world_size", 1)
+    batches = IndexedBatches(dataset, shards=world * cfg.train.grad_accum, batch=cfg.train.batch_size, seed=cfg.data.seed)
+
+    def latents(batch: int, g: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+        noise = torch.randn((batch, *m.shape), generator=g, device=device)
+        labels = torch.randint(0, m.label_dim, (batch,), generator=g, device=device)
+        return noise, labels
+
+    def sample_fn(gen: nn.Module, device) -> torch.Tensor:
+        n = 16
+        noise = torch.randn((n, *m.shape), generator=torch.Generator().manual_seed(0)).to(device)
+        labels = (torch.arange(n, device=device) * max(1, m.label_dim // n)) % m.label_dim
+        g = torch.Generator(device=device).manual_seed(1)
+        return sampler.sample(gen, noise, labels, generator=g)
+
+    return Components(generator=generator, fake_score=fake_score, teacher=teacher, schedule=schedule, sampler=sampler,
+                      latents=latents, real_data=batches if head is not None else None, gan_head=head,
+                      gan_layers=[bottleneck_name(fake_score)] if head is not None else [], sample_fn=sample_fn,
+                      fsdp_units=_blocks, checkpoint_units=_blocks)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+class ImageNet64Generator(nn.Module):
+    r"""A trained student as an image generator: ``forward(noise (B, C, R, R) unit Gaussian, labels (B,) long,
+    generator=None) -> images (B, C, R, R)`` in [-1, 1] (not clipped).
+
+    1 step: ``G(sigma_1 z, sigma_1, c)`` with ``sigma_1 = 80``; ``N`` steps re-noise the x0 estimate to the next sigma
+    with fresh noise from ``generator`` (:class:`~dmd2.core.BackwardSimulationSampler`). Attributes ``denoiser``,
+    ``timesteps``, ``num_steps``, ``num_classes``, ``shape``.
+    """
+
+    def __init__(self, denoiser: nn.Module, timesteps: list[float], sigma_data: float):
+        super().__init__()
+        self.denoiser = denoiser
+        self.schedule = EDMSchedule(sigma_data=sigma_data)
+        self.sampler = BackwardSimulationSampler(self.schedule, timesteps)
+        cfg = denoiser.model.config
+        self.num_classes, self.shape = cfg.label_dim, (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
+
+    @property
+    def timesteps(self) -> list[float]:
+        return list(self.sampler.timesteps)
+
+    @property
+    def num_steps(self) -> int:
+        return self.sampler.num_steps
+
+    def forward(self, noise: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if noise.dim() != 4 or tuple(noise.shape[1:]) != self.shape:
+            raise ValueError(f"ImageNet64Generator: noise must be (B, {', '.join(map(str, self.shape))}), got "
+                             f"{tuple(noise.shape)}")
+        return self.sampler.sample(self.denoiser, noise, labels, generator=generator)
+
+
+def _checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
+    from ..train.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if (p / "generator.safetensors").is_file() and (p / "config.json").is_file():
+        return p
+    if (p / "checkpoints").is_dir():
+        latest = latest_checkpoint(p)
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(f"{p}: not a checkpoint folder (expected generator.safetensors and config.json, e.g. "
+                            f"RUN/checkpoints/checkpoint-00200000) nor a run folder holding one")
+
+
+def load_generator(ckpt: str | os.PathLike, weights: str = "generator", device: torch.device | str = "cpu",
+                   steps: int | None = None) -> ImageNet64Generator:
+    """The student of an imagenet64 checkpoint (folder, or a run folder -> its newest checkpoint), in eval mode.
+
+    Args:
+        weights: ``"generator"`` (the trained weights) or ``"ema"`` (their EMA, when the run kept one).
+        steps: sampling steps (default: the run's ``sampler.steps``; the grid is then :func:`student_grid`).
+    """
+    from safetensors.torch import load_file
+
+    from ..models.edm_pickle import check_state_dict_matches
+
+    if weights not in ("generator", "ema"):
+        raise ValueError(f"weights must be 'generator' or 'ema', got {weights!r}")
+    path = _checkpoint_dir(ckpt)
+    cfg = config_from_dict(ImageNet64Config(), json.loads((path / "config.json").read_text()))
+    f = path / f"{weights}.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found" + (" (the run kept no EMA: train.ema_decay=none)" if weights == "ema" else ""))
+    sd = load_file(str(f))
+    if weights == "ema":
+        sd = {k.removeprefix("buffer::"): v for k, v in sd.items()}
+    net = build_edm_adm(dataclasses.replace(cfg.model, dropout=0.0).adm(), sigma_data=cfg.model.sigma_data,
+                        device="meta")
+    check_state_dict_matches(net, sd)
+    net.load_state_dict(sd, strict=True, assign=True)
+    schedule = EDMSchedule(sigma_data=cfg.model.sigma_data)
+    sampler_cfg = cfg.sampler if steps is None else apply_overrides(cfg, {"sampler.steps": steps,
+                                                                         "sampler.timesteps": None}).sampler
+    grid = sampler_cfg.grid(lambda n: student_grid(n, schedule))
+    return ImageNet64Generator(net, grid, cfg.model.sigma_data).to(device).eval().requires_grad_(False)
+
+
+def sample_command(cfg: ImageNet64Config, args: list[str]) -> int:
+    """``sample CKPT [OUT.png]``: 64 images (classes spread over the label range, seeds 0..63) as a PNG grid."""
+    from ..train.monitor import save_png
+
+    if not 1 <= len(args) <= 2:
+        raise ValueError("usage: python -m dmd2.recipes.imagenet64 sample CKPT [OUT.png]")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = load_generator(args[0], device=device)
+    n = 64
+    from ..eval.fid import sample_seeds_noise
+
+    noise = sample_seeds_noise(range(n), gen.shape).to(device)
+    labels = (torch.arange(n, device=device) * max(1, gen.num_classes // n)) % gen.num_classes
+    with torch.no_grad():
+        imgs = gen(noise, labels, generator=torch.Generator(device=device).manual_seed(0))
+    out = save_png(imgs, args[1] if len(args) > 1 else _checkpoint_dir(args[0]) / "samples.png", nrow=8)
+    print(out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+PAPER: dict[str, Any] = {
+    "train.max_steps": 200_000, "train.batch_size": 40, "train.grad_accum": 1,
+    "train.lr_generator": 2e-6, "train.lr_critic": 2e-6, "train.betas": (0.9, 0.999), "train.weight_decay": 0.01,
+    "train.adam_eps": 1e-8, "train.warmup_steps": 0, "train.grad_clip": 10.0, "train.mixed_precision": "bf16",
+    "train.checkpoint_every": 5000, "train.keep_last": 3, "train.log_every": 100, "train.sample_every": 5000,
+    "critic.ratio": 5, "sampler.steps": 1, "sampler.timesteps": None,
+    "objective.dm_weight": 1.0, "objective.gan_generator_weight": 3e-3, "objective.gan_discriminator_weight": 1e-2,
+    "objective.min_frac": 0.02, "objective.max_frac": 0.98, "objective.gan_min_frac": 0.0, "objective.gan_max_frac": 1.0,
+    "model.img_resolution": 64, "model.img_channels": 3, "model.label_dim": 1000, "model.model_channels": 192,
+    "model.channel_mult": (1, 2, 3, 4), "model.channel_mult_emb": 4, "model.num_blocks": 3,
+    "model.attn_resolutions": (32, 16, 8), "model.channels_per_head": 64, "model.dropout": 0.0, "model.sigma_data": 0.5,
+    "teacher.random": False, "data.synthetic": 0, "gan.hidden": 768, "gan.depth": 2,
+}
+
+TINY: dict[str, Any] = {
+    "train.max_steps": 6, "train.batch_size": 4, "train.lr_generator": 1e-4, "train.lr_critic": 1e-4,
+    "train.mixed_precision": "no", "train.device": "cpu", "train.checkpoint_every": 3, "train.log_every": 2,
+    "train.sample_every": 3, "train.ema_decay": 0.9,
+    "model.img_resolution": 16, "model.label_dim": 10, "model.model_channels": 16, "model.channel_mult": (1, 2),
+    "model.num_blocks": 1, "model.attn_resolutions": (8,), "model.channels_per_head": 16,
+    "teacher.random": True, "data.synthetic": 64, "gan.hidden": 16, "gan.depth": 1,
+}
+
+PRESETS = {"paper": PAPER, "tiny": TINY}
+
+RECIPE = Recipe(name="imagenet64", config=apply_overrides(ImageNet64Config(), PAPER), build=build, presets=PRESETS,
+                commands={"sample": sample_command})
+
+if __name__ == "__main__":
+    sys.exit(main(RECIPE))

@@ -1,0 +1,157 @@
+"""Prompt readers (txt / jsonl / parquet) and real-image sources (folder, webdataset shards, latent cache)."""
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from dmd2.data.prompts import read_prompts
+from dmd2.data.sdxl_images import (ImageCaptionFolder, LatentCache, WebDatasetShards, cache_latents, load_image,
+                                   open_image_source, vae_encode)
+
+PROMPTS = ["a red cube", "the cat, on a mat", "ünïcode \"quoted\" prompt"]
+
+
+def test_txt_prompts_skip_blank_lines(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a red cube\n\n  the cat, on a mat  \nünïcode \"quoted\" prompt\n", encoding="utf-8")
+    assert read_prompts(f) == PROMPTS
+    assert read_prompts(f, limit=2) == PROMPTS[:2]
+
+
+def test_jsonl_prompts_default_and_explicit_key(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"caption": p, "id": i}) + "\n" for i, p in enumerate(PROMPTS)), encoding="utf-8")
+    assert read_prompts(f) == PROMPTS
+    assert read_prompts(f, key="caption") == PROMPTS
+    with pytest.raises(ValueError, match="'prompt'"):
+        read_prompts(f, key="prompt")
+
+
+def test_parquet_prompts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": PROMPTS, "n": [1, 2, 3]}), f)
+    assert read_prompts(f) == PROMPTS
+    with pytest.raises(ValueError, match="not a string"):
+        read_prompts(f, key="n")  # not strings
+
+
+def test_prompt_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+    (tmp_path / "p.csv").write_text("a\n")
+    with pytest.raises(ValueError, match="suffix"):
+        read_prompts(tmp_path / "p.csv")
+    (tmp_path / "e.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        read_prompts(tmp_path / "e.txt")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "x"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"b.jsonl:2"):
+        read_prompts(tmp_path / "b.jsonl")
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _images(n=3, h=12, w=20):
+    g = np.random.default_rng(0)
+    return [g.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_load_image_resizes_shorter_side_and_centre_crops():
+    arr = np.zeros((8, 16, 3), np.uint8)
+    arr[:, 4:12] = 255  # the centre 8x8 square is white, the sides black
+    x = load_image(_png_bytes(arr), 8)
+    assert x.shape == (3, 8, 8) and x.dtype == torch.float32
+    assert torch.equal(x, torch.ones(3, 8, 8))  # exactly the white centre, mapped to +1
+    y = load_image(_png_bytes(arr[:, :8].copy()), 4)  # black/white halves, downscaled
+    assert y.min() >= -1 and y.max() <= 1
+
+
+def test_image_caption_folder(tmp_path):
+    arrs = _images()
+    lines = []
+    for i, a in enumerate(arrs):
+        (tmp_path / f"{i}.png").write_bytes(_png_bytes(a))
+        lines.append(json.dumps({"file": f"{i}.png", "caption": PROMPTS[i]}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines))
+    ds = ImageCaptionFolder(tmp_path, 8)
+    assert len(ds) == 3
+    x, c = ds[1]
+    assert x.shape == (3, 8, 8) and c == PROMPTS[1]
+    assert torch.equal(x, load_image(tmp_path / "1.png", 8))
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "nope.png", "caption": "x"}))
+    with pytest.raises(ValueError, match="nope.png"):
+        ImageCaptionFolder(tmp_path, 8)
+
+
+def _write_tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards(tmp_path):
+    arrs = _images(4)
+    _write_tar(tmp_path / "000.tar", [("s0.png", _png_bytes(arrs[0])), ("s0.txt", PROMPTS[0].encode()),
+                                      ("s1.png", _png_bytes(arrs[1])), ("s1.json", json.dumps({"caption": PROMPTS[1]}).encode()),
+                                      ("s2.png", _png_bytes(arrs[2]))])  # s2: no caption -> skipped
+    _write_tar(tmp_path / "001.tar", [("dir/s3.txt", PROMPTS[2].encode()), ("dir/s3.png", _png_bytes(arrs[3]))])
+    ds = WebDatasetShards(tmp_path, 8)
+    assert len(ds) == 3
+    assert [ds[i][1] for i in range(3)] == PROMPTS
+    assert torch.equal(ds[2][0], load_image(_png_bytes(arrs[3]), 8))
+    assert torch.equal(ds[0][0], load_image(_png_bytes(arrs[0]), 8))
+    with pytest.raises(ValueError, match="not found"):
+        WebDatasetShards(tmp_path / "none.tar", 8)
+
+
+class _TinyVAE(torch.nn.Module):
+    """Stand-in with diffusers' interface: latent_dist.mean = 2x2 average pool of the first 2 channels."""
+
+    class config:  # noqa: N801
+        scaling_factor = 0.5
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def encode(self, x):
+        class D:
+            pass
+
+        d = D()
+        d.latent_dist = D()
+        d.latent_dist.mean = torch.nn.functional.avg_pool2d(x[:, :2], 2) * self.w
+        return d
+
+
+def test_vae_encode_and_latent_cache_round_trip(tmp_path):
+    vae = _TinyVAE()
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    z = vae_encode(vae, x)
+    assert torch.equal(z, 0.5 * torch.nn.functional.avg_pool2d(x[:, :2], 2))
+    ds = [(x[i], PROMPTS[i]) for i in range(2)] + [(-x[0], PROMPTS[2])]
+    cache_latents(ds, vae, tmp_path / "cache", batch=2)
+    cache = LatentCache(tmp_path / "cache")
+    assert len(cache) == 3
+    for i, (img, cap) in enumerate(ds):
+        lat, c = cache[i]
+        assert c == cap and torch.equal(lat, vae_encode(vae, img[None])[0])
+    assert isinstance(open_image_source("latents", tmp_path / "cache", 8), LatentCache)
+    with pytest.raises(ValueError, match="real_kind"):
+        open_image_source("lmdb", tmp_path, 8)
+    with pytest.raises(ValueError, match="latents.safetensors"):
+        LatentCache(tmp_path)

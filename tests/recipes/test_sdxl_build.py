@@ -1,0 +1,88 @@
+"""The SDXL recipe's components (tiny preset): CFG teacher wiring, step grids, GAN features, data errors."""
+import pytest
+import torch
+
+from dmd2.core import FeatureHooks
+from dmd2.recipes.sdxl import RECIPE, build
+from dmd2.train import resolve_config
+
+
+@pytest.fixture(scope="module")
+def tiny_out(tmp_path_factory):
+    return tmp_path_factory.mktemp("sdxl-build")
+
+
+def _cfg(out, *overrides, steps=None):
+    return resolve_config(RECIPE, "tiny", list(overrides), out=str(out), steps=steps)
+
+
+@pytest.mark.parametrize("uncond", ["zeros", "empty"])
+def test_teacher_is_cfg8_over_the_base_with_the_configured_uncond(tiny_out, uncond):
+    c = build(_cfg(tiny_out, f"model.uncond={uncond}", "model.memory_mode=shared-base"))
+    assert c.teacher.scale == 8.0
+    u = c.teacher.uncond
+    assert u["encoder_hidden_states"].shape[0] == 1
+    assert (not u["encoder_hidden_states"].any()) == (uncond == "zeros")
+    noise, cond = c.latents(2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert noise.shape == (2, 4, 16, 16) and cond["encoder_hidden_states"].shape == (2, 77, 64)
+    t = torch.tensor([300, 700])
+    base = c.teacher.denoiser
+    with torch.no_grad():
+        got = c.teacher(noise, t, cond)
+        uc = {k: v.expand(2, *v.shape[1:]) for k, v in u.items()}
+        want = base(noise, t, uc) + 8.0 * (base(noise, t, cond) - base(noise, t, uc))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_step_grids(tiny_out):
+    assert build(_cfg(tiny_out, steps=1)).sampler.timesteps == [399]
+    assert build(_cfg(tiny_out, steps=4)).sampler.timesteps == [999, 749, 499, 249]
+
+
+@pytest.mark.parametrize("mode", ["full", "shared-base"])
+def test_gan_head_reads_the_fake_mid_block(tiny_out, mode):
+    c = build(_cfg(tiny_out, f"model.memory_mode={mode}"))
+    assert c.gan_layers == ["gan_tap"]
+    hooks = FeatureHooks(c.fake_score, c.gan_layers)
+    noise, cond = c.latents(2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    t = torch.tensor([300, 700])
+    with torch.no_grad():
+        _, feats = hooks.run(c.fake_score, noise, t, cond)
+        logits = c.gan_head(feats)
+    assert feats[0].shape == (2, 64, 8, 8) and logits.shape == (2,)
+    # the generator and the teacher running do not feed the fake score's tap
+    with pytest.raises(RuntimeError, match="did not run"), torch.no_grad():
+        with hooks.capture():
+            c.generator(noise, t, cond)
+            c.teacher(noise, t, cond)
+    real, real_cond = c.real_data(0, 0, 2, torch.device("cpu"))
+    assert real.shape == (2, 4, 16, 16) and real_cond["text_embeds"].shape == (2, 32)
+
+
+def test_missing_real_data_and_prompts(tiny_out, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        build(_cfg(tiny_out, f"data.prompts={tmp_path / 'none.txt'}"))
+    with pytest.raises(ValueError, match="captions.jsonl"):
+        build(_cfg(tiny_out, f"data.real={tmp_path}"))
+    with pytest.raises(ValueError, match="fsdp2"):
+        build(_cfg(tiny_out, "model.memory_mode=lora", "train.distributed=fsdp2"))
+
+
+def test_resolve_checkpoint_newest_of_a_run(sdxl_tiny_runs):
+    from dmd2.recipes.sdxl_export import resolve_checkpoint
+
+    run = sdxl_tiny_runs("shared-base")
+    assert resolve_checkpoint(run) == run / "checkpoints" / "checkpoint-00000004"
+    assert resolve_checkpoint(run / "checkpoints" / "checkpoint-00000004").name == "checkpoint-00000004"
+
+
+def test_sample_command_writes_a_grid(sdxl_tiny_runs, tmp_path):
+    from PIL import Image
+
+    from dmd2.train import main
+
+    out = tmp_path / "grid.png"
+    assert main(RECIPE, ["sample", str(sdxl_tiny_runs("lora")), str(out), "a red cube", "the cat"]) == 0
+    img = Image.open(out)
+    assert img.size[0] >= 2 * 32 and img.size[1] >= 32
+    assert main(RECIPE, ["sample", str(sdxl_tiny_runs("lora"))]) == 2
