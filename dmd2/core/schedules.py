@@ -15,6 +15,7 @@ denoising loss). Value checks (``t`` in range) run only on CPU tensors, never fo
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -35,24 +36,38 @@ def _check_batch(t: torch.Tensor, x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: t is on {t.device} but x is on {x.device}; expected the same device")
 
 
-class NoiseSchedule:
+class NoiseSchedule(ABC):
     """Interface shared by :class:`VPSchedule` and :class:`EDMSchedule` (see the module docstring)."""
 
     #: "vp" or "edm"
     kind: str = ""
 
     # --- per-schedule hooks -------------------------------------------------------------------------------
-    def check_t(self, t: torch.Tensor) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    num_grid: int  # points of the grid that ``sample_t``'s fractions refer to
 
-    def alpha(self, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def check_t(self, t: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``t`` is a valid ``(B,)`` time tensor (values checked on CPU only)."""
 
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample signal scale, float32 ``(B,)``."""
 
-    def t_from_frac(self, frac: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample noise scale, float32 ``(B,)``."""
+
+    @abstractmethod
+    def t_from_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """Times at integer grid indices ``idx`` in ``[0, num_grid - 1]``."""
+
+    @abstractmethod
+    def timesteps(self, values) -> list:
+        """Validate a sampling grid given as plain numbers (first = noisiest)."""
+
+    @abstractmethod
+    def time_tensor(self, value, batch: int, device) -> torch.Tensor:
+        """``(batch,)`` tensor of one grid value, in this schedule's dtype."""
 
     # --- shared math -------------------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -83,13 +98,13 @@ class NoiseSchedule:
         a, s = expand_like(self.alpha(t), x_t), expand_like(self.sigma(t), x_t)
         return ((a * x_t.float() - s * v.float()) / (a * a + s * s)).to(x_t.dtype)
 
+    @abstractmethod
     def denoising_weight(self, t: torch.Tensor) -> torch.Tensor:
         r"""Per-sample weight :math:`\lambda(t)` with ``loss = lambda * mean((x0_hat - x0)^2)``.
 
         VP: the epsilon-MSE, since :math:`\hat\epsilon - \epsilon = -(\alpha/\sigma)(\hat x_0 - x_0)`, is the
         x0-MSE times :math:`\alpha^2/\sigma^2`. EDM: :math:`1/\sigma^2 + 1/\sigma_{data}^2` (EDM Eq. 8 / Table 1).
         """
-        raise NotImplementedError  # pragma: no cover - overridden
 
     def sample_t(
         self,
@@ -116,9 +131,9 @@ class NoiseSchedule:
         idx = torch.randint(lo, hi + 1, (batch,), generator=generator, device=device)
         return self.t_from_index(idx)
 
+    @abstractmethod
     def prior(self, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The sampler's starting point at its first time ``t`` from unit noise (VP: ``noise``; EDM: ``sigma * noise``)."""
-        raise NotImplementedError  # pragma: no cover - overridden
 
 
 class VPSchedule(NoiseSchedule):

@@ -15,6 +15,7 @@ resized: with ``resolution=R`` an image that is not ``R x R`` is an error.
 from __future__ import annotations
 
 import io
+from abc import ABC, abstractmethod
 import json
 import os
 import zipfile
@@ -33,7 +34,7 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-class _ImageDataset(Dataset):
+class _ImageDataset(Dataset, ABC):
     """Shared decoding: bytes -> (C, H, W) uint8 -> optional float in [-1, 1]."""
 
     def __init__(self, channels: int | None, resolution: int | None, as_uint8: bool):
@@ -68,11 +69,13 @@ class _ImageDataset(Dataset):
         img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
         return img if self.as_uint8 else img.float() / 127.5 - 1.0
 
+    @abstractmethod
     def where(self, name: str) -> str:
-        raise NotImplementedError
+        """Where image ``name`` lives, for error messages."""
 
+    @abstractmethod
     def _read(self, index: int) -> bytes:
-        raise NotImplementedError
+        """The encoded bytes of image ``index``."""
 
     @property
     def num_classes(self) -> int:
