@@ -20,6 +20,20 @@ from ._common import alloc, block_size, per_sample, rows
 
 
 @triton.jit
+def _block(pid, b, n, alpha_ptr, sigma_ptr, PRED_EPS: tl.constexpr, BLOCK: tl.constexpr):
+    """Flat indices and mask of block ``pid`` of sample ``b``, and the sample's (alpha, sigma) (1, 0 for x0 inputs)."""
+    cols = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    idx = b.to(tl.int64) * n + cols
+    a = 1.0
+    s = 0.0
+    if PRED_EPS:
+        a = tl.load(alpha_ptr + b)
+        s = tl.load(sigma_ptr + b)
+    return idx, mask, a, s
+
+
+@triton.jit
 def _real_x0(cond_ptr, uncond_ptr, xt_ptr, idx, mask, a, s, scale, HAS_UNCOND: tl.constexpr, PRED_EPS: tl.constexpr):
     real = tl.load(cond_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_UNCOND:
@@ -38,14 +52,7 @@ def _dm_norm_kernel(
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1)
-    cols = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n
-    idx = b.to(tl.int64) * n + cols
-    a = 1.0
-    s = 0.0
-    if PRED_EPS:
-        a = tl.load(alpha_ptr + b)
-        s = tl.load(sigma_ptr + b)
+    idx, mask, a, s = _block(pid, b, n, alpha_ptr, sigma_ptr, PRED_EPS, BLOCK)
     real = _real_x0(cond_ptr, uncond_ptr, xt_ptr, idx, mask, a, s, scale, HAS_UNCOND, PRED_EPS)
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     tl.store(part_ptr + b * n_blocks + pid, tl.sum(tl.where(mask, tl.abs(x - real), 0.0), axis=0))
@@ -63,14 +70,7 @@ def _dm_grad_kernel(
     j = tl.arange(0, BLOCKS_POW2)
     total = tl.sum(tl.load(part_ptr + b * n_blocks + j, mask=j < n_blocks, other=0.0), axis=0)
     norm = total / n + eps
-    cols = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n
-    idx = b.to(tl.int64) * n + cols
-    a = 1.0
-    s = 0.0
-    if PRED_EPS:
-        a = tl.load(alpha_ptr + b)
-        s = tl.load(sigma_ptr + b)
+    idx, mask, a, s = _block(pid, b, n, alpha_ptr, sigma_ptr, PRED_EPS, BLOCK)
     real = _real_x0(cond_ptr, uncond_ptr, xt_ptr, idx, mask, a, s, scale, HAS_UNCOND, PRED_EPS)
     fake = tl.load(fake_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if PRED_EPS:
