@@ -26,7 +26,11 @@ def run_inprocess(out, *overrides, command=None):
 
 def torchrun(out, *overrides, nproc=2, script=None, check=True, env=None, timeout=600):
     """Run the tiny recipe (or ``script``) under ``torchrun --standalone --nproc_per_node nproc``."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    # gloo on the loopback interface (the ranks share this host; the hostname's address may not be reachable in a
+    # sandbox); PYTHONFAULTHANDLER prints each rank's Python stack if it aborts, so a crash names where it happened
+    net = {"GLOO_SOCKET_IFNAME": "lo"} if Path("/sys/class/net/lo").exists() else {}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1", **net,
+                **(env or {})}
     target = [str(script)] if script else ["-m", "dmd2.recipes.tiny", *BASE, "--out", str(out), *overrides]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *target]
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
