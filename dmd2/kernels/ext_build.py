@@ -45,9 +45,14 @@ class ExtBuildError(RuntimeError):
 
 
 def csrc_dir() -> Path:
-    """Folder of the C++/CUDA sources: ``$DMD2_CSRC`` or ``<repository>/csrc`` next to the ``dmd2`` package."""
+    """Folder of the C++/CUDA sources: ``$DMD2_CSRC``, else ``dmd2/_csrc`` (the copy a built wheel carries, see
+    ``setup.py``), else ``<repository>/csrc`` next to the ``dmd2`` package (a checkout or an editable install)."""
     env = os.environ.get("DMD2_CSRC")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "csrc"
+    if env:
+        path = Path(env)
+    else:
+        packaged = Path(__file__).resolve().parents[1] / "_csrc"
+        path = packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
     missing = [f for f in _CPU_SOURCES + _CUDA_SOURCES + _HEADERS if not (path / f).is_file()]
     if missing:
         raise ExtBuildError(
