@@ -133,6 +133,16 @@ def _local(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+
+def _adamw(params, **kw) -> torch.optim.AdamW:
+    """AdamW with PyTorch's fused kernel (one pass over every parameter: on CPU about 8x faster than the per-tensor
+    loop for a network of ~150 small tensors) when every parameter is a floating-point CPU / CUDA tensor; the default
+    implementation otherwise. Same update rule either way."""
+    params = list(params)
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kw)
+
+
 class Trainer:
     """Runs DMD2 under the critic scheduler (see the module docstring).
 
@@ -192,10 +202,10 @@ class Trainer:
             self.obj_critic = self.obj_gen
 
         wd, betas, eps = t.weight_decay, tuple(t.betas), t.adam_eps
-        self.opt_gen = torch.optim.AdamW(self.gen_trainable.parameters(), lr=t.lr_generator,
-                                         betas=betas, eps=eps, weight_decay=wd)
-        self.opt_critic = torch.optim.AdamW(self.critic_trainable.parameters(),
-                                            lr=t.lr_critic, betas=betas, eps=eps, weight_decay=wd)
+        self.opt_gen = _adamw(self.gen_trainable.parameters(), lr=t.lr_generator, betas=betas, eps=eps,
+                              weight_decay=wd)
+        self.opt_critic = _adamw(self.critic_trainable.parameters(), lr=t.lr_critic, betas=betas, eps=eps,
+                                 weight_decay=wd)
         self.ema = EMA(gen, t.ema_decay) if t.ema_decay is not None else None
         self.scheduler = CriticScheduler(cfg.critic.ratio)
         self.step = 0
