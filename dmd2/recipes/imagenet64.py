@@ -404,4 +404,6 @@ RECIPE = Recipe(name="imagenet64", config=apply_overrides(ImageNet64Config(), PA
                 commands={"sample": sample_command})
 
 if __name__ == "__main__":
-    sys.exit(main(RECIPE))
+    from dmd2.train.distributed import exit_process
+
+    exit_process(main(RECIPE))

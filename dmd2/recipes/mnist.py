@@ -316,4 +316,6 @@ def _cli_parts(argv: list[str]):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dmd2.train.distributed import exit_process
+
+    exit_process(main())

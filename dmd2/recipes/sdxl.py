@@ -413,4 +413,6 @@ RECIPE = Recipe(name="sdxl", config=DEFAULT_CONFIG, build=build, presets=PRESETS
                           "eval": eval_command})
 
 if __name__ == "__main__":
-    sys.exit(main(RECIPE))
+    from dmd2.train.distributed import exit_process
+
+    exit_process(main(RECIPE))

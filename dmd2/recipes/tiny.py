@@ -182,4 +182,6 @@ PRESETS = {
 RECIPE = Recipe(name="tiny", config=TinyConfig(), build=build, presets=PRESETS, commands={"sample": sample_command})
 
 if __name__ == "__main__":
-    sys.exit(main(RECIPE))
+    from dmd2.train.distributed import exit_process
+
+    exit_process(main(RECIPE))

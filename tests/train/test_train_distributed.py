@@ -119,3 +119,20 @@ def test_fsdp2_freeze_toggle_with_mixed_precision():
     out = F.linear(y, m.base.weight, m.base.bias).float() + F.linear(y, wa, m.adapter.bias.detach().bfloat16()).float()
     out.pow(2).sum().backward()
     assert norms.pop() == pytest.approx(wa.grad.double().norm().item(), rel=1e-6)
+
+
+def test_exit_process_outside_a_job_is_sys_exit():
+    from dmd2.train.distributed import exit_process
+
+    with pytest.raises(SystemExit) as e:
+        exit_process(3)
+    assert e.value.code == 3
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_exit_process_ends_a_rank_with_its_code(code):
+    """A rank leaves through os._exit after destroy_process_group: its output is flushed and its exit code kept."""
+    proc = torchrun(None, script=ROOT / "tests" / "train" / "exit_worker.py", check=False,
+                    env={"DMD2_TEST_EXIT_CODE": str(code)})
+    assert proc.stdout.count("sum=6.0") == 2, proc.stdout + proc.stderr[-3000:]
+    assert (proc.returncode == 0) == (code == 0), (proc.returncode, proc.stderr[-3000:])
