@@ -16,7 +16,6 @@ Run ``python -m dmd2.recipes.tiny --preset tiny`` (a few CPU iterations), ``... 
 from __future__ import annotations
 
 import copy
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 

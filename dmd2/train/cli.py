@@ -10,7 +10,6 @@ config as JSON and writes nothing. Bad input (unknown key, preset or command) pr
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -93,10 +92,6 @@ def run_training(recipe: Recipe, cfg: RecipeConfig) -> int:
         trainer = Trainer(cfg, components, info, cfg.train.out)
         resume = resolve_resume(cfg.train.out, cfg.train.resume)
         trainer.train(resume)
-        # Release the wrapped models (DDP's reducer and FSDP2's hooks hold the process group and pending work) while
-        # the group is alive, so nothing that references it is left for interpreter shutdown to tear down.
-        del trainer, components
-        gc.collect()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -14,8 +14,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "exit_process", "wrap_trained", "shard_frozen", "Trainable", "is_fsdp", "barrier",
-           "all_reduce_mean", "any_rank"]
+__all__ = ["DistInfo", "init_distributed", "exit_process", "wrap_trained", "shard_frozen", "Trainable", "is_fsdp",
+           "barrier", "all_reduce_mean", "any_rank"]
+
+
+_joined_a_job = False  # set once this process has initialised a process group (a torchrun rank)
 
 
 @dataclass
@@ -72,9 +75,6 @@ def init_distributed(mode: str, device: str = "auto") -> DistInfo:
     control = dist.new_group(backend="gloo") if dev.type == "cuda" else None
     return DistInfo(mode=mode, rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                     device=dev, control_group=control)
-
-
-_joined_a_job = False  # set once this process has initialised a process group (a torchrun rank)
 
 
 def exit_process(code: int | None) -> None:

@@ -133,7 +133,6 @@ def _local(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-
 def _adamw(params, **kw) -> torch.optim.AdamW:
     """AdamW with PyTorch's fused kernel (one pass over every parameter: on CPU about 8x faster than the per-tensor
     loop for a network of ~150 small tensors) when every parameter is a floating-point CPU / CUDA tensor; the default
