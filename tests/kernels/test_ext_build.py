@@ -71,6 +71,8 @@ def test_cache_key_tracks_sources_torch_and_flavour(tmp_path, monkeypatch):
 
 def test_cuda_spec_compiles_for_sm80_and_sm90(monkeypatch):
     if ext_build.find_cuda_home() is None or not torch.version.cuda:
+        if os.environ.get("DMD2_REQUIRE_EXT") == "1":
+            pytest.fail("DMD2_REQUIRE_EXT=1 but no CUDA toolkit was found (set CUDA_HOME)")
         pytest.skip("no CUDA toolkit / CUDA build of PyTorch")
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     spec = ext_build.build_spec("cuda")

@@ -197,6 +197,7 @@ def test_sigterm_leaves_resumable_checkpoint(tmp_path):
            "train.checkpoint_every=100000", "train.log_every=1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = out / "log.jsonl"
+    # wait (up to a generous 300 s, a hang guard, not a speed check) until 3 iterations are logged, then stop the run
     deadline = time.time() + 300
     while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
         assert proc.poll() is None, proc.communicate()
