@@ -49,7 +49,8 @@ class SDXLModelConfig:
         local_files_only: never download (``HF_HUB_OFFLINE=1`` implies it).
         tiny: write tiny SDXL-shaped components (and tiny data) into ``OUT/tiny-base`` / ``OUT/tiny-data`` first.
         memory_mode: ``full`` | ``lora`` | ``shared-base`` (:mod:`dmd2.models.sdxl`).
-        frozen_dtype: dtype of frozen weights (teacher, LoRA bases, text encoders); trained weights are fp32.
+        frozen_dtype: dtype of frozen UNet weights (teacher, LoRA bases); trained weights are fp32.
+        text_encoder_dtype: dtype of the two CLIP text encoders (fp32: the official code runs them in fp32).
         vae_dtype: dtype of the VAE (fp32: SDXL's VAE overflows in fp16).
         lora_rank, lora_alpha, lora_targets: LoRA adapters, scale ``alpha / rank`` (paper LoRA variant: rank 64,
             alpha 8, the official ``--lora_alpha`` default: scale 0.125).
@@ -63,6 +64,7 @@ class SDXLModelConfig:
     tiny: bool = False
     memory_mode: str = "full"
     frozen_dtype: str = "bf16"
+    text_encoder_dtype: str = "fp32"
     vae_dtype: str = "fp32"
     lora_rank: int = 64
     lora_alpha: float = 8.0
@@ -74,7 +76,7 @@ class SDXLModelConfig:
     def __post_init__(self):
         if self.memory_mode not in MEMORY_MODES:
             raise ValueError(f"model.memory_mode must be one of {MEMORY_MODES}, got {self.memory_mode!r}")
-        for k in ("frozen_dtype", "vae_dtype"):
+        for k in ("frozen_dtype", "text_encoder_dtype", "vae_dtype"):
             if getattr(self, k) not in DTYPES:
                 raise ValueError(f"model.{k} must be one of {list(DTYPES)}, got {getattr(self, k)!r}")
         if self.uncond not in ("zeros", "empty"):
@@ -251,7 +253,8 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     frozen = DTYPES[m.frozen_dtype]
     nets = build_networks(parts.unet, parts.schedule, parts.prediction_type, m.memory_mode, m.lora_rank, m.lora_alpha,
                           m.lora_targets, frozen).to(device)
-    for module, dtype in ((parts.text_encoder, frozen), (parts.text_encoder_2, frozen), (parts.vae, DTYPES[m.vae_dtype])):
+    text = DTYPES[m.text_encoder_dtype]
+    for module, dtype in ((parts.text_encoder, text), (parts.text_encoder_2, text), (parts.vae, DTYPES[m.vae_dtype])):
         module.to(device) if next(module.parameters()).dtype == dtype else module.to(device, dtype)
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2)
     res = m.resolution
@@ -359,7 +362,7 @@ def memory_command(cfg: SDXLConfig, args: list[str]) -> int:
     from .sdxl_memory import memory_table, memory_plan
 
     plan = memory_plan(cfg.gan, batch=cfg.train.batch_size, resolution=cfg.model.resolution,
-                       lora_rank=cfg.model.lora_rank)
+                       lora_rank=cfg.model.lora_rank, text_encoder_bytes=DTYPES[cfg.model.text_encoder_dtype].itemsize)
     print(json.dumps(plan, indent=2) if "--json" in args or "json" in args else memory_table(plan))
     return 0
 

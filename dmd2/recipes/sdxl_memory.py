@@ -4,7 +4,8 @@ r"""Memory plan of SDXL DMD2 training per memory mode, from a meta-device build 
 ``model.lora_rank`` apply). Counted per GPU, without FSDP sharding:
 
 * **weights**: frozen networks in bf16 (2 B/param: teacher, LoRA bases), trained ones fp32 (4 B/param: master
-  weights under bf16 autocast); the text encoders (bf16) and VAE (fp32) are listed apart.
+  weights under bf16 autocast); the text encoders (``text_encoder_bytes`` per parameter: 4 = fp32, the paper
+  preset) and VAE (fp32) are listed apart.
 * **grads**: fp32, 4 B per trained parameter, for ONE network at a time (the trainer frees gradients after each
   optimizer step and freezes the other network during a phase): the larger of generator and critic.
 * **Adam**: AdamW's two fp32 moments, 8 B per trained parameter, generator + critic (fake score and GAN head).
@@ -165,7 +166,7 @@ def _frozen_extras() -> dict[str, int]:
 
 
 def memory_plan(gan: GANConfig, batch: int = 2, resolution: int = 1024, lora_rank: int = 64,
-                targets: Sequence[str] = DEFAULT_LORA_TARGETS, forwards_alive: int = 3) -> dict:
+                targets: Sequence[str] = DEFAULT_LORA_TARGETS, forwards_alive: int = 3, text_encoder_bytes: int = 4) -> dict:
     """Bytes per GPU for each memory mode (module docstring) with the GAN head ``gan`` (a run's ``cfg.gan``);
     ``forwards_alive`` UNet forwards' activations at once."""
     from ..core import GANHead
@@ -178,7 +179,7 @@ def memory_plan(gan: GANConfig, batch: int = 2, resolution: int = 1024, lora_ran
                               final_conv=gan.final_conv))
     act = activation_bytes(unet, batch, resolution)
     extras = _frozen_extras()
-    other = 2 * extras["text_encoders"] + 4 * extras["vae"]
+    other = text_encoder_bytes * extras["text_encoders"] + 4 * extras["vae"]
     modes = {
         # (frozen params, generator trained, critic trained)
         "full": (n, n, n + head),

@@ -329,12 +329,19 @@ def config_to_json(cfg) -> str:
     return json.dumps(config_to_dict(cfg), indent=2, sort_keys=False)
 
 
+#: keys of run folders written before the one ``gan`` section -> their key now (None: dropped; the tiny recipe's
+#: ``model.gan`` flag is implied by the GAN weights)
+LEGACY_KEYS = {"model.gan_hidden": "gan.hidden", "model.gan_depth": "gan.depth", "model.gan": None}
+
+
 def config_from_dict(cls_or_cfg, data: Mapping[str, Any]):
     """Rebuild a config from :func:`config_to_dict` output; ``cls_or_cfg`` is the root class or a default instance.
 
-    Keys absent from ``data`` keep their defaults; unknown keys raise ``ValueError``.
+    Keys absent from ``data`` keep their defaults; :data:`LEGACY_KEYS` are renamed; other unknown keys raise
+    ``ValueError``.
     """
     base = cls_or_cfg() if isinstance(cls_or_cfg, type) else cls_or_cfg
+    known = set(valid_keys(base))
 
     def flat(d, prefix=""):
         for k, v in d.items():
@@ -343,4 +350,11 @@ def config_from_dict(cls_or_cfg, data: Mapping[str, Any]):
             else:
                 yield f"{prefix}{k}", v
 
-    return apply_overrides(base, dict(flat(data)))
+    items = {}
+    for k, v in flat(data):
+        if k not in known and k in LEGACY_KEYS:
+            if LEGACY_KEYS[k] is None:
+                continue
+            k = LEGACY_KEYS[k]
+        items[k] = v
+    return apply_overrides(base, items)
