@@ -21,7 +21,10 @@ returning :math:`\hat x_0^{(N-1)}`. In the variables :math:`\tilde x = x/\alpha`
 this is one Euler step of the probability-flow ODE :math:`d\tilde x/d\tilde\sigma = (\tilde x - \hat x_0)/\tilde\sigma`,
 i.e. exactly diffusers' ``EulerDiscreteScheduler`` (whose last step goes to :math:`\tilde\sigma = 0`); with
 :func:`trailing_timesteps` it is the sampler the official DMD2 SDXL ODE pairs were made with (50 steps, trailing
-spacing, the pipeline's CFG). ``N`` steps cost ``N`` network evaluations.
+spacing, the pipeline's CFG). ``N`` steps cost ``N`` network evaluations. The start :math:`x_0` is the caller's: unit
+noise is the VP prior; diffusers' Euler pipelines with trailing (or linspace) spacing scale the initial noise by
+``init_noise_sigma`` :math:`= \tilde\sigma_{max}` rather than :math:`\sqrt{\tilde\sigma_{max}^2 + 1}`, i.e. start from
+:math:`x = \sigma(t_0) z` (:func:`euler_trailing_start`).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import torch
 
 from ..core.schedules import EDMSchedule, VPSchedule
 
-__all__ = ["edm_heun", "heun_nfe", "ddim", "trailing_timesteps"]
+__all__ = ["edm_heun", "heun_nfe", "ddim", "trailing_timesteps", "euler_trailing_start"]
 
 
 def heun_nfe(num_steps: int) -> int:
@@ -73,19 +76,24 @@ def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[
     return [round(num_train_timesteps - i * ratio) - 1 for i in range(num_steps)]
 
 
+def euler_trailing_start(noise: torch.Tensor, schedule: VPSchedule, t0: int) -> torch.Tensor:
+    """The VP state diffusers' ``EulerDiscreteScheduler`` (trailing spacing) starts from unit ``noise``:
+    ``sigma(t0) * noise`` (module docstring; 0.23% below unit scale at SDXL's t0 = 999)."""
+    return noise * schedule.sigma(schedule.time_tensor(t0, 1, noise.device))[0].to(noise.dtype)
+
+
 @torch.no_grad()
-def ddim(denoiser: Callable, noise: torch.Tensor, cond: Any, schedule: VPSchedule, timesteps: list[int]) -> torch.Tensor:
-    """Deterministic DDIM (module docstring) from unit ``noise`` ``(B, ...)`` = ``x`` at ``timesteps[0]``; returns the
-    last x0 estimate in fp32 (the state is kept in fp32 whatever the denoiser's dtype)."""
+def ddim(denoiser: Callable, x: torch.Tensor, cond: Any, schedule: VPSchedule, timesteps: list[int]) -> torch.Tensor:
+    """Deterministic DDIM (module docstring) from the state ``x`` ``(B, ...)`` at ``timesteps[0]``; returns the last x0
+    estimate in fp32 (the state is kept in fp32 whatever the denoiser's dtype)."""
     steps = schedule.timesteps(timesteps)
     if any(a <= b for a, b in zip(steps, steps[1:])):
         raise ValueError(f"ddim: timesteps must be strictly descending, got {steps}")
-    b = noise.shape[0]
-    x = noise.float()
+    b, dev = x.shape[0], x.device
+    x = x.float()
     for i, ti in enumerate(steps):
-        t = schedule.time_tensor(ti, b, noise.device)
+        t = schedule.time_tensor(ti, b, dev)
         x0 = denoiser(x, t, cond).float()
         if i + 1 == len(steps):
             return x0
-        t_next = schedule.time_tensor(steps[i + 1], b, noise.device)
-        x = schedule.add_noise(x0, schedule.eps_from_x0(x, x0, t), t_next)
+        x = schedule.add_noise(x0, schedule.eps_from_x0(x, x0, t), schedule.time_tensor(steps[i + 1], b, dev))

@@ -10,10 +10,11 @@ teacher's deterministic sampler outputs. Two commands reproduce it, then trainin
 
 ``ode-pairs`` - for pair ``i``: unit noise :math:`z_i` and a prompt :math:`c_i` (both keyed by ``(train.seed, i)``,
 so the pairs do not depend on the number of ranks or the batch), and the teacher's ODE solution
-:math:`x_0 = \mathrm{DDIM}(z_i, c_i)` with CFG ``model.guidance_scale`` (8, zero unconditional embeddings) over
-``ode.teacher_steps`` (50) trailing-spaced timesteps 999, 979, ..., 19 - the sampler of the official pairs
-(diffusers' ``EulerDiscreteScheduler(timestep_spacing="trailing")`` at the pipeline's default 50 steps, which
-:func:`dmd2.eval.samplers.ddim` equals). Written as ``PAIRS/shard-XXXXX.safetensors`` of ``ode.shard_size`` pairs
+:math:`x_0 = \mathrm{DDIM}(\sigma_{999} z_i, c_i)` with CFG ``model.guidance_scale`` (8, zero unconditional
+embeddings) over ``ode.teacher_steps`` (50) trailing-spaced timesteps 999, 979, ..., 19 - the sampler of the official
+pairs (diffusers' ``EulerDiscreteScheduler(timestep_spacing="trailing")`` at the pipeline's default 50 steps, which
+:func:`dmd2.eval.samplers.ddim` equals, including its start at :math:`\sigma_{999} z` rather than :math:`z`; tested
+against the pipeline). The regression's input is the unit :math:`z_i`, as in the official code. Written as ``PAIRS/shard-XXXXX.safetensors`` of ``ode.shard_size`` pairs
 each (``noise``, ``latent`` ``(n, 4, R/8, R/8)`` fp32, ``prompt_index`` ``(n,)`` int64 into ``data.prompts``, the
 prompt texts in the header's metadata) and ``PAIRS/pairs.json`` (what the pairs were made with). Shard ``s`` is
 written by rank ``s mod world`` under torchrun, to ``.tmp`` then renamed; a rerun skips the shards already
@@ -163,12 +164,16 @@ def _latent_shape(parts, resolution: int) -> tuple[int, int, int]:
     return (parts.unet.config.in_channels, resolution // scale, resolution // scale)
 
 
-def _identity(cfg, prompts_path: str, n_prompts: int, shape, timesteps) -> dict:
+def _identity(cfg, prompts: list[str], shape, timesteps) -> dict:
+    """What decides the pairs' values; a folder's ``pairs.json`` must agree with it to be continued."""
+    import hashlib
+
     m = cfg.model
+    digest = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     return {"format": PAIRS_FORMAT, "model": "tiny" if m.tiny else m.path,
             "guidance_scale": m.guidance_scale, "uncond": m.uncond, "resolution": m.resolution,
             "frozen_dtype": m.frozen_dtype, "latent_shape": list(shape), "sampler": "ddim (EulerDiscrete, trailing)",
-            "timesteps": list(timesteps), "prompts": str(prompts_path), "num_prompts": n_prompts,
+            "timesteps": list(timesteps), "num_prompts": len(prompts), "prompts_sha256": digest,
             "seed": cfg.train.seed, "shard_size": cfg.ode.shard_size}
 
 
@@ -178,7 +183,7 @@ def write_pairs(cfg, out: str | Path, info=None) -> Path:
 
     from ..core import CFGDenoiser
     from ..data.prompts import read_prompts
-    from ..eval.samplers import ddim, trailing_timesteps
+    from ..eval.samplers import ddim, euler_trailing_start, trailing_timesteps
     from ..models.sdxl import PromptEncoder, SDXLDenoiser, load_sdxl
     from ..train import derive_seed
     from ..train.distributed import DistInfo, barrier
@@ -196,17 +201,17 @@ def write_pairs(cfg, out: str | Path, info=None) -> Path:
                       components=("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
     shape = _latent_shape(parts, m.resolution)
     timesteps = trailing_timesteps(o.teacher_steps, parts.schedule.num_train_timesteps)
-    ident = _identity(cfg, prompts_path, len(prompts), shape, timesteps)
+    ident = _identity(cfg, prompts, shape, timesteps)
     index = out / "pairs.json"
     if index.is_file():
         old = json.loads(index.read_text())
-        diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+        diff = sorted(k for k in ident if old.get(k) != ident[k])
         if diff:
             raise ValueError(f"{out} holds pairs made with other settings ({', '.join(f'{k}: {old.get(k)!r} there, {ident.get(k)!r} now' for k in diff)}); "
                              "use a new folder or the same settings")
     elif info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        index.with_suffix(".tmp").write_text(json.dumps(ident, indent=2))
+        index.with_suffix(".tmp").write_text(json.dumps({**ident, "prompts_file": str(prompts_path)}, indent=2))
         os.replace(index.with_suffix(".tmp"), index)
     todo = [s for s in rank_shards(o.num, o.shard_size, info.rank, info.world_size)
             if _shard_rows(shard_path(out, s[0]), s[1]) != s[2]]
@@ -226,7 +231,8 @@ def write_pairs(cfg, out: str | Path, info=None) -> Path:
             z = torch.stack([torch.randn(shape, device=dev, generator=torch.Generator(dev).manual_seed(
                 derive_seed(cfg.train.seed, i, _NOISE))) for i in ids])
             pi = [int(order[i % len(prompts)]) for i in ids]
-            x0 = ddim(teacher, z, encoder.cond([prompts[j] for j in pi], res, res), parts.schedule, timesteps)
+            x = euler_trailing_start(z, parts.schedule, timesteps[0])
+            x0 = ddim(teacher, x, encoder.cond([prompts[j] for j in pi], res, res), parts.schedule, timesteps)
             noise.append(z.cpu())
             latent.append(x0.cpu())
             idx += pi
@@ -388,6 +394,7 @@ def ode_pretrain(cfg, pairs: str | Path, info=None) -> Path:
     if m.tiny:
         _tiny_inputs(cfg, info)
     data = ODEPairs(pairs, cfg.ode.num)
+    lp = build_lpips(cfg.ode.lpips_net, cfg.ode.lpips_pretrained, cfg.ode.lpips_backbone)  # before the UNet: fails fast
     parts = load_sdxl(base_path(cfg), torch.float32, m.local_files_only)
     shape = _latent_shape(parts, m.resolution)
     if tuple(data.latent_shape) != shape:
@@ -405,7 +412,7 @@ def ode_pretrain(cfg, pairs: str | Path, info=None) -> Path:
     params = [p for p in gen.parameters() if p.requires_grad]
     opt = _adamw(params, lr=t.lr_generator, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
     vae = _decoder(cfg, parts).to(dev).requires_grad_(False).eval()
-    lp = build_lpips(cfg.ode.lpips_net, cfg.ode.lpips_pretrained, cfg.ode.lpips_backbone).to(dev)
+    lp = lp.to(dev)
 
     def collate(items):
         return torch.stack([torch.stack([z, x]) for z, x, _ in items]), [c for _, _, c in items]
