@@ -14,11 +14,12 @@ so the pairs do not depend on the number of ranks or the batch), and the teacher
 embeddings) over ``ode.teacher_steps`` (50) trailing-spaced timesteps 999, 979, ..., 19 - the sampler of the official
 pairs (diffusers' ``EulerDiscreteScheduler(timestep_spacing="trailing")`` at the pipeline's default 50 steps, which
 :func:`dmd2.eval.samplers.ddim` equals, including its start at :math:`\sigma_{999} z` rather than :math:`z`; tested
-against the pipeline). The regression's input is the unit :math:`z_i`, as in the official code. Written as ``PAIRS/shard-XXXXX.safetensors`` of ``ode.shard_size`` pairs
-each (``noise``, ``latent`` ``(n, 4, R/8, R/8)`` fp32, ``prompt_index`` ``(n,)`` int64 into ``data.prompts``, the
-prompt texts in the header's metadata) and ``PAIRS/pairs.json`` (what the pairs were made with). Shard ``s`` is
-written by rank ``s mod world`` under torchrun, to ``.tmp`` then renamed; a rerun skips the shards already
-complete, and refuses a folder made with different settings.
+against the pipeline). The regression's input is the unit :math:`z_i`, as in the official code. Written as
+``PAIRS/shard-XXXXX.safetensors`` of ``ode.shard_size`` pairs each (``noise``, ``latent`` ``(n, 4, R/8, R/8)`` fp32,
+``prompt_index`` ``(n,)`` int64 into ``data.prompts``, the prompt texts in the header's metadata) and
+``PAIRS/pairs.json`` (what the pairs were made with). Shard ``s`` is written by rank ``s mod world`` under torchrun,
+to ``.tmp`` then renamed; a rerun skips the shards already complete, and refuses a folder made with different
+settings.
 
 ``ode-pretrain`` - the generator :math:`G` (the teacher's UNet, trained in full) regressed at the conditioning
 timestep :math:`t^\ast` = the 1-step grid (399; its input is the pure noise, as in 1-step training) onto the pairs:
@@ -207,8 +208,8 @@ def write_pairs(cfg, out: str | Path, info=None) -> Path:
         old = json.loads(index.read_text())
         diff = sorted(k for k in ident if old.get(k) != ident[k])
         if diff:
-            raise ValueError(f"{out} holds pairs made with other settings ({', '.join(f'{k}: {old.get(k)!r} there, {ident.get(k)!r} now' for k in diff)}); "
-                             "use a new folder or the same settings")
+            what = ", ".join(f"{k}: {old.get(k)!r} there, {ident[k]!r} now" for k in diff)
+            raise ValueError(f"{out} holds pairs made with other settings ({what}); use a new folder or the same settings")
     elif info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         index.with_suffix(".tmp").write_text(json.dumps({**ident, "prompts_file": str(prompts_path)}, indent=2))
@@ -258,7 +259,8 @@ class ODEPairs(torch.utils.data.Dataset):
         self.folder = Path(folder)
         index = self.folder / "pairs.json"
         if not index.is_file():
-            raise ValueError(f"{self.folder}: no pairs.json; expected a folder written by `python -m dmd2.recipes.sdxl ode-pairs`")
+            raise ValueError(f"{self.folder}: no pairs.json; expected a folder written by "
+                             "`python -m dmd2.recipes.sdxl ode-pairs`")
         self.info = json.loads(index.read_text())
         if self.info.get("format") != PAIRS_FORMAT:
             raise ValueError(f"{index}: format {self.info.get('format')!r}, expected {PAIRS_FORMAT!r}")
@@ -341,7 +343,8 @@ def load_generator_init(generator: nn.Module, path: str | Path) -> Path:
     try:
         missing, unexpected = generator.load_state_dict(sd, strict=False)
     except RuntimeError as e:
-        raise ValueError(f"model.generator_init={str(path)!r}: {str(e).splitlines()[0]} (another model or resolution?)") from None
+        raise ValueError(f"model.generator_init={str(path)!r}: {str(e).splitlines()[0]} "
+                         "(weights of another model?)") from None
     if missing or unexpected:
         raise ValueError(f"model.generator_init={str(path)!r}: not this generator's weights (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); expected a full SDXL UNet from ode-pretrain")
@@ -510,7 +513,8 @@ def ode_pretrain_command(cfg, args: list[str]) -> int:
     from ..train.distributed import init_distributed
 
     if len(args) != 1:
-        raise ValueError("usage: python -m dmd2.recipes.sdxl ode-pretrain PAIRS --preset ode-paper [--out OUT] (PAIRS: an ode-pairs folder)")
+        raise ValueError("usage: python -m dmd2.recipes.sdxl ode-pretrain PAIRS --preset ode-paper [--out OUT] "
+                         "(PAIRS: an ode-pairs folder)")
     info = init_distributed(cfg.train.distributed, cfg.train.device)
     try:
         torch.manual_seed(cfg.train.seed)

@@ -118,6 +118,27 @@ def test_ode_pairs_shard_over_ranks_and_do_not_depend_on_them(pairs, tmp_path):
         torch.testing.assert_close(a["latent"], b["latent"], rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.slow
+def test_ode_pairs_under_torchrun_split_the_shards(pairs, tmp_path):
+    """Two gloo ranks: rank r writes shards r, r + 2, ...; the pairs equal the single-process ones."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "GLOO_SOCKET_IFNAME": "lo"}
+    out = tmp_path / "pairs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "dmd2.recipes.sdxl", "ode-pairs", str(out), "--preset", "ode-tiny", "train.distributed=ddp"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rank 0: shard-00000" in proc.stderr and "rank 1: shard-00001" in proc.stderr
+    for s in (0, 1):
+        a, b = load_file(str(shard_path(out, s))), load_file(str(shard_path(pairs, s)))
+        assert torch.equal(a["noise"], b["noise"]) and torch.equal(a["prompt_index"], b["prompt_index"])
+        torch.testing.assert_close(a["latent"], b["latent"], rtol=1e-5, atol=1e-3)
+
+
 def test_ode_pairs_resume_skips_written_shards(pairs, tmp_path, capsys):
     out = tmp_path / "pairs"
     shutil.copytree(pairs, out)
