@@ -41,6 +41,7 @@ randomly initialised trunk instead.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -449,12 +450,14 @@ def ode_pretrain(cfg, pairs: str | Path, info=None) -> Path:
                 pair, prompts = batches(step, info.rank * accum + micro, t.batch_size, dev)
                 noise, target = pair[:, 0], pair[:, 1]
                 ts = parts.schedule.time_tensor(t_star, noise.shape[0], dev)
-                with autocast:
-                    x0 = gen_w(noise, ts, encoder.cond(prompts, res, res))
-                with torch.no_grad():
-                    ref = _decode(vae, target)
-                loss = lp(_decode(vae, x0), ref).mean()  # fp32: decoder and LPIPS outside autocast
-                (loss / accum).backward()
+                sync = micro == accum - 1 or info.mode != "ddp"  # DDP reduces gradients on the last micro-batch only
+                with contextlib.nullcontext() if sync else gen_w.no_sync():
+                    with autocast:
+                        x0 = gen_w(noise, ts, encoder.cond(prompts, res, res))
+                    with torch.no_grad():
+                        ref = _decode(vae, target)
+                    loss = lp(_decode(vae, x0), ref).mean()  # fp32: decoder and LPIPS outside autocast
+                    (loss / accum).backward()
                 acc += torch.stack([loss.detach(), torch.ones((), device=dev)])
                 bad += (~torch.isfinite(loss.detach())).float()
             lr = t.lr_generator * (1.0 if t.warmup_steps == 0 else min(1.0, (step + 1) / t.warmup_steps))

@@ -5,8 +5,8 @@
 COMMAND defaults to ``train``; a recipe registers more in :attr:`Recipe.commands`. The config is resolved as:
 the recipe's defaults, then the preset's overrides, then ``--out`` (``train.out``), ``--resume`` (``train.resume``),
 ``--steps`` (``sampler.steps``), then the recipe's own flags (:attr:`Recipe.flags`), then the ``key.sub=value``
-overrides in order. ``--dry-run`` prints the resolved
-config as JSON and writes nothing. Bad input (unknown key, preset or command) prints ``error: ...`` and returns 2.
+overrides in order. ``--dry-run`` prints the resolved config as JSON and writes nothing. Bad input (unknown key,
+preset or command) prints ``error: ...`` and returns 2.
 """
 from __future__ import annotations
 
