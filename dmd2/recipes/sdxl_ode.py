@@ -305,8 +305,10 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, backbone: str = "") -
     it is absent); false: a random trunk (``pnet_rand``), for the CPU tests. Inputs: images in [-1, 1], ``(B, 3, H, W)``;
     output ``(B, 1, 1, 1)``.
     """
-    import lpips
-
+    try:
+        import lpips
+    except ImportError:
+        raise ValueError("the LPIPS loss needs the lpips package: pip install -e '.[sdxl]' (or pip install lpips)") from None
     if net not in LPIPS_BACKBONES:
         raise ValueError(f"LPIPS trunk must be one of {list(LPIPS_BACKBONES)}, got {net!r}")
     state = None
