@@ -31,7 +31,8 @@ import torch
 from ..core import BackwardSimulationSampler, CFGDenoiser, GANHead
 from ..models.sdxl import DEFAULT_LORA_TARGETS, MEMORY_MODES, PromptEncoder, build_networks, load_sdxl
 from ..train import Components, IndexedBatches, Recipe, RecipeConfig, apply_overrides, main
-from .sdxl_ode import ODE_PRESETS, SDXLODEConfig, ode_pairs_command, ode_pretrain_command
+from .sdxl_ode import (ODE_PRESETS, SDXLODEConfig, generator_init_checkpoint, load_generator_init, ode_pairs_command,
+                       ode_pretrain_command)
 
 __all__ = ["SDXLModelConfig", "SDXLDataConfig", "SDXLExportConfig", "SDXLEvalConfig", "SDXLConfig", "grid", "build",
            "base_path", "PRESETS", "RECIPE", "DTYPES"]
@@ -219,6 +220,11 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     if m.memory_mode != "full" and t.distributed == "fsdp2":
         raise ValueError(f"model.memory_mode={m.memory_mode} shares frozen weights between networks and runs on one GPU "
                          "or with train.distributed=ddp; use model.memory_mode=full for fsdp2")
+    init = None
+    if m.generator_init:  # checked before anything is loaded
+        if m.memory_mode != "full":
+            raise ValueError(f"model.generator_init holds a full UNet; it needs model.memory_mode=full, got {m.memory_mode}")
+        init = generator_init_checkpoint(m.generator_init)
     prompts_path, real_path = d.prompts, d.real
     if m.tiny:
         from ..models.sdxl_tiny import write_tiny_sdxl
@@ -242,12 +248,8 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     frozen = DTYPES[m.frozen_dtype]
     nets = build_networks(parts.unet, parts.schedule, parts.prediction_type, m.memory_mode, m.lora_rank, m.lora_alpha,
                           m.lora_targets, frozen).to(device)
-    if m.generator_init:
-        if m.memory_mode != "full":
-            raise ValueError(f"model.generator_init holds a full UNet; it needs model.memory_mode=full, got {m.memory_mode}")
-        from .sdxl_ode import load_generator_init
-
-        load_generator_init(nets.generator, m.generator_init)
+    if init is not None:
+        load_generator_init(nets.generator, init)
     for module, dtype in ((parts.text_encoder, frozen), (parts.text_encoder_2, frozen), (parts.vae, DTYPES[m.vae_dtype])):
         module.to(device) if next(module.parameters()).dtype == dtype else module.to(device, dtype)
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2)

@@ -54,7 +54,8 @@ import torch
 from torch import nn
 
 __all__ = ["SDXLODEConfig", "ODE_PRESETS", "PAIRS_FORMAT", "LPIPS_BACKBONES", "shard_path", "rank_shards",
-           "write_pairs", "ODEPairs", "build_lpips", "lpips_backbone_path", "load_generator_init", "ode_pretrain",
+           "write_pairs", "ODEPairs", "build_lpips", "lpips_backbone_path", "generator_init_checkpoint",
+           "load_generator_init", "ode_pretrain",
            "ode_pairs_command", "ode_pretrain_command"]
 
 PAIRS_FORMAT = "dmd2-sdxl-ode-pairs/1"
@@ -330,28 +331,31 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, backbone: str = "") -
 
 
 # ------------------------------------------------------------------------------------------------ generator init
-def load_generator_init(generator: nn.Module, path: str | Path) -> Path:
-    """Load ``generator.safetensors`` of ``path`` (an ``ode-pretrain`` run folder - its newest checkpoint - or a
-    checkpoint folder) into a ``full``-mode generator, strictly; returns the checkpoint folder read."""
-    from safetensors.torch import load_file
-
+def generator_init_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder ``model.generator_init`` names: an ``ode-pretrain`` run folder (its newest checkpoint) or a
+    checkpoint folder; ``ValueError`` naming the path otherwise (checked before any model is loaded)."""
     from .sdxl_export import resolve_checkpoint
 
     p = Path(path)
     if not p.exists():
         raise ValueError(f"model.generator_init={str(path)!r} does not exist; expected an ode-pretrain output (its run "
                          "folder or a checkpoint-XXXXXXXX folder holding generator.safetensors)")
-    ckpt = resolve_checkpoint(p)
-    sd = load_file(str(ckpt / "generator.safetensors"))
+    return resolve_checkpoint(p)
+
+
+def load_generator_init(generator: nn.Module, ckpt: Path) -> None:
+    """Load ``ckpt/generator.safetensors`` into a ``full``-mode generator, strictly."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(Path(ckpt) / "generator.safetensors"))
     try:
         missing, unexpected = generator.load_state_dict(sd, strict=False)
     except RuntimeError as e:
-        raise ValueError(f"model.generator_init={str(path)!r}: {str(e).splitlines()[0]} "
+        raise ValueError(f"model.generator_init={str(ckpt)!r}: {str(e).splitlines()[0]} "
                          "(weights of another model?)") from None
     if missing or unexpected:
-        raise ValueError(f"model.generator_init={str(path)!r}: not this generator's weights (missing {missing[:3]}, "
+        raise ValueError(f"model.generator_init={str(ckpt)!r}: not this generator's weights (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); expected a full SDXL UNet from ode-pretrain")
-    return ckpt
 
 
 # ------------------------------------------------------------------------------------------------ regression

@@ -212,6 +212,7 @@ def test_generator_init_errors(warm, tmp_path, capsys):
     assert main(RECIPE, ["--preset", "tiny", "--out", str(tmp_path / "a"), f"model.generator_init={missing}"]) == 2
     (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert str(missing) in err and "does not exist" in err
+    assert not (tmp_path / "a" / "tiny-base").exists()  # refused before any model is written or loaded
     assert main(RECIPE, ["--preset", "tiny", "--out", str(tmp_path / "a"), f"model.generator_init={warm}",
                          "model.memory_mode=lora"]) == 2
     assert "model.memory_mode=full" in capsys.readouterr().err
