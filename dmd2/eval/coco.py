@@ -220,7 +220,7 @@ def evaluate_pipeline(pipeline_dir: str | Path, captions: str, images: str, num:
         raise ValueError(f"eval.images {str(root)!r}: {len(missing)} reference images are missing, e.g. {missing[0]!r}")
     info = json.loads((Path(pipeline_dir) / "dmd2.json").read_text())
     dtype = torch.float16 if dev == "cuda" else torch.float32
-    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir, torch_dtype=dtype).to(dev)
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_dir, dtype=dtype).to(dev)
     if info.get("lora_format") == "lora":
         pipe.load_lora_weights(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)

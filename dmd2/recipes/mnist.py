@@ -56,7 +56,12 @@ __all__ = ["MNISTConfig", "MNISTModelConfig", "MNISTEvalConfig", "student_sigmas
 
 @dataclass(frozen=True)
 class MNISTModelConfig:
-    """GAN head on the fake score's bottleneck: ``gan_hidden`` channels, ``gan_depth`` strided blocks (8x8 -> 2x2)."""
+    """The GAN head on the fake score's bottleneck (32 x 8 x 8).
+
+    Attributes:
+        gan_hidden: channels of the head's conv blocks.
+        gan_depth: strided blocks (2: 8x8 -> 2x2).
+    """
 
     gan_hidden: int = 64
     gan_depth: int = 2
@@ -64,7 +69,12 @@ class MNISTModelConfig:
 
 @dataclass(frozen=True)
 class MNISTEvalConfig:
-    """Evaluation after training: ``enabled``; ``weights`` = ``"ema"`` (the generator's EMA) or ``"raw"``."""
+    """Evaluation after training (:mod:`dmd2.eval.fid_mnist`).
+
+    Attributes:
+        enabled: evaluate after ``train`` (FID / KID / label accuracy into ``OUT/metrics.json``).
+        weights: ``ema`` (the generator's EMA) or ``raw``.
+    """
 
     enabled: bool = True
     weights: str = "ema"
@@ -76,8 +86,11 @@ class MNISTEvalConfig:
 
 @dataclass(frozen=True)
 class MNISTTeacherSection(TeacherConfig):
-    """``path``: the teacher checkpoint to distil (empty: the shipped one); the other fields train a teacher
-    (``python -m dmd2.recipes.mnist teacher``), see :class:`~dmd2.recipes.mnist_teacher.TeacherConfig`."""
+    """The teacher to distil; the other fields train one (``python -m dmd2.recipes.mnist teacher``).
+
+    Attributes:
+        path: the teacher checkpoint to distil (empty: the shipped one).
+    """
 
     path: str = ""
 

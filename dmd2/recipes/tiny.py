@@ -31,7 +31,13 @@ __all__ = ["TinyConfig", "TinyModelConfig", "TinyDataConfig", "TinyDenoiser", "M
 
 @dataclass(frozen=True)
 class TinyModelConfig:
-    """Student / fake-score network: ``hidden`` channels; ``gan``: add a GAN head of width ``gan_hidden``."""
+    """The student / fake-score network.
+
+    Attributes:
+        hidden: channels of the network.
+        gan: add a GAN head.
+        gan_hidden: width of the GAN head.
+    """
 
     hidden: int = 16
     gan: bool = True
@@ -40,7 +46,15 @@ class TinyModelConfig:
 
 @dataclass(frozen=True)
 class TinyDataConfig:
-    """The Gaussian mixture: ``classes`` means of shape ``(channels, resolution, resolution)``, std ``std``."""
+    """The Gaussian mixture the tiny teacher denoises exactly.
+
+    Attributes:
+        classes: number of mixture components (one per class).
+        channels, resolution: each mean has shape ``(channels, resolution, resolution)``.
+        std: standard deviation of every component.
+        seed: fixes the means.
+        conditional: class-conditional (the class picks the component) or unconditional.
+    """
 
     classes: int = 4
     channels: int = 3
