@@ -427,8 +427,14 @@ TINY: dict[str, Any] = {
 
 PRESETS = {"paper": PAPER, "tiny": TINY}
 
+def next_steps(cfg: ImageNet64Config, ckpt: Path) -> list[str]:
+    """The summary's commands: a sample grid, the FID evaluation."""
+    return [f"python -m dmd2.recipes.imagenet64 sample {ckpt} {Path(cfg.train.out) / 'sample.png'}",
+            f"python -m dmd2.eval.fid --ckpt {ckpt} --detector inception-2015-12-05.pt --ref imagenet-64x64.npz"]
+
+
 RECIPE = Recipe(name="imagenet64", config=apply_overrides(ImageNet64Config(), PAPER), build=build, presets=PRESETS,
-                commands={"sample": sample_command})
+                commands={"sample": sample_command}, next_steps=next_steps)
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process

@@ -430,7 +430,16 @@ PRESETS = {
 #: defaults = the paper's hyperparameters (single process; ``--preset paper`` adds FSDP2 for torchrun)
 DEFAULT_CONFIG = apply_overrides(SDXLConfig(), _PAPER)
 
-RECIPE = Recipe(name="sdxl", config=DEFAULT_CONFIG, build=build, presets=PRESETS,
+def next_steps(cfg: SDXLConfig, ckpt: Path) -> list[str]:
+    """The summary's commands: a sample grid, the diffusers export, its COCO evaluation."""
+    out = Path(cfg.train.out)
+    return [f"python -m dmd2.recipes.sdxl sample {ckpt} {out / 'sample.png'}",
+            f"python -m dmd2.recipes.sdxl export {ckpt} {out / 'exported'}   # a diffusers pipeline + README.md",
+            f"python -m dmd2.recipes.sdxl eval {out / 'exported'} eval.captions=... eval.images=... "
+            "eval.inception=... eval.clip_weights=..."]
+
+
+RECIPE = Recipe(name="sdxl", config=DEFAULT_CONFIG, build=build, presets=PRESETS, next_steps=next_steps,
                 commands={"export": export_command, "sample": sample_command, "memory": memory_command, "cache-latents": cache_latents_command,
                           "eval": eval_command})
 

@@ -192,7 +192,14 @@ PRESETS = {
     },
 }
 
-RECIPE = Recipe(name="tiny", config=TinyConfig(), build=build, presets=PRESETS, commands={"sample": sample_command})
+def next_steps(cfg: TinyConfig, ckpt: Path) -> list[str]:
+    """The summary's command: a sample grid from the checkpoint (the run's config)."""
+    out = Path(cfg.train.out)
+    return [f"python -m dmd2.recipes.tiny sample {ckpt} {out / 'sample.png'} --config {out / 'config.json'}"]
+
+
+RECIPE = Recipe(name="tiny", config=TinyConfig(), build=build, presets=PRESETS, commands={"sample": sample_command},
+                next_steps=next_steps)
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process

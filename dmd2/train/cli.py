@@ -17,13 +17,14 @@ import argparse
 import sys
 import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from .config import RecipeConfig, _plain, _value_text, apply_overrides, config_help, config_to_json, read_config_file
 
-__all__ = ["Recipe", "main", "resolve_config", "run_training", "help_text"]
+__all__ = ["Recipe", "main", "resolve_config", "run_training", "run_summary", "help_text"]
 
 
 @dataclass
@@ -38,6 +39,8 @@ class Recipe:
         presets: name -> overrides (a ``{"a.b": value}`` dict or a list of ``"a.b=value"`` strings); every recipe
             has ``tiny``.
         commands: extra sub-commands, name -> ``fn(cfg, args) -> exit code`` (``args``: the positional arguments).
+        next_steps: ``next_steps(cfg, checkpoint) -> [command line, ...]``: what to run on a finished run (sample,
+            export, evaluate), printed in the summary after ``train``.
     """
 
     name: str
@@ -45,6 +48,7 @@ class Recipe:
     build: Callable
     presets: Mapping[str, Any] = field(default_factory=dict)
     commands: Mapping[str, Callable[[RecipeConfig, list[str]], int]] = field(default_factory=dict)
+    next_steps: Callable[[RecipeConfig, Path], Sequence[str]] | None = None
 
 
 def _parser(recipe: Recipe) -> argparse.ArgumentParser:
@@ -137,11 +141,28 @@ def run_training(recipe: Recipe, cfg: RecipeConfig) -> int:
         components = recipe.build(cfg, info)
         trainer = Trainer(cfg, components, info, cfg.train.out)
         resume = resolve_resume(cfg.train.out, cfg.train.resume)
-        trainer.train(resume)
+        last = trainer.train(resume)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if info.is_main:
+        print(run_summary(recipe, cfg, last, trainer.step), flush=True)
     return 0
+
+
+def run_summary(recipe: Recipe, cfg: RecipeConfig, checkpoint: Path | None, step: int) -> str:
+    """The closing lines of ``train``: the run folder, the last checkpoint and :attr:`Recipe.next_steps`."""
+    out = Path(cfg.train.out)
+    done = "done" if step >= cfg.train.max_steps else f"stopped at iteration {step} of {cfg.train.max_steps}"
+    lines = [f"{recipe.name}: {done}. Run folder {out} (config.json, log.jsonl"
+             + "".join(f", {d}/" for d in ("tb", "samples", "wandb") if (out / d).is_dir()) + ")",
+             f"  checkpoint: {checkpoint}"]
+    if checkpoint is not None:
+        steps = list(recipe.next_steps(cfg, checkpoint)) if recipe.next_steps is not None else []
+        steps.append(f"python -m dmd2.recipes.{recipe.name} --config {out / 'config.json'} --resume auto "
+                     "train.max_steps=N   # train on")
+        lines += ["  next:"] + [f"    {c}" for c in steps]
+    return "\n".join(lines)
 
 
 def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
