@@ -36,6 +36,7 @@ class Recipe:
         config: the default :class:`RecipeConfig` (or subclass) instance.
         build: ``build(cfg, info) -> Components`` (:class:`~dmd2.train.trainer.Components`); called after
             ``torch.manual_seed(cfg.train.seed)`` on every rank, so random initialisations agree across ranks.
+            ``None`` for a recipe with its own loop: it registers ``train`` in ``commands`` (toy2d).
         presets: name -> overrides (a ``{"a.b": value}`` dict or a list of ``"a.b=value"`` strings); every recipe
             has ``tiny``.
         commands: extra sub-commands, name -> ``fn(cfg, args) -> exit code`` (``args``: the positional arguments).
@@ -45,7 +46,7 @@ class Recipe:
 
     name: str
     config: RecipeConfig
-    build: Callable
+    build: Callable | None
     presets: Mapping[str, Any] = field(default_factory=dict)
     commands: Mapping[str, Callable[[RecipeConfig, list[str]], int]] = field(default_factory=dict)
     next_steps: Callable[[RecipeConfig, Path], Sequence[str]] | None = None
@@ -76,7 +77,8 @@ def help_text(recipe: Recipe, cfg: RecipeConfig | None = None) -> str:
     """``--help``: usage, the recipe's summary, commands (one line each), presets, options and every config key of
     ``cfg`` (default: the recipe's defaults) by section (:func:`~dmd2.train.config.config_help`)."""
     parser = _parser(recipe)
-    module = sys.modules.get(getattr(recipe.build, "__module__", ""), None)
+    fn = recipe.build or next(iter(recipe.commands.values()), None)
+    module = sys.modules.get(getattr(fn, "__module__", ""), None)
     wrap = lambda text, indent: textwrap.fill(text, 118, initial_indent=indent,  # noqa: E731
                                               subsequent_indent=indent + " " * 16)
     lines = [parser.format_usage().rstrip() + " [COMMAND ARGS ...] [key.sub=value ...]", ""]
@@ -84,7 +86,7 @@ def help_text(recipe: Recipe, cfg: RecipeConfig | None = None) -> str:
         lines += [textwrap.fill(_first_line(module.__doc__), 118), ""]
     lines.append("commands:")
     cmds = {"train": "(default) train with the shared loop into OUT (train.out); resumes with --resume auto"}
-    cmds.update({name: _first_line(fn.__doc__) for name, fn in recipe.commands.items()})
+    cmds.update({name: _first_line(f.__doc__) for name, f in recipe.commands.items()})
     lines += [wrap(f"{name:<15} {text}", "  ") for name, text in cmds.items()]
     lines += ["", "presets (overrides applied over the defaults):"]
     for name, ov in recipe.presets.items():
@@ -193,7 +195,7 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print(config_to_json(cfg))
             return 0
-        if command == "train":
+        if command == "train" and "train" not in recipe.commands:
             return run_training(recipe, cfg)
         return int(recipe.commands[command](cfg, positional) or 0)
     except ValueError as e:
