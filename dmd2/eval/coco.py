@@ -216,8 +216,10 @@ def evaluate_pipeline(pipeline_dir: str | Path, captions: str, images: str, num:
     if info.get("lora_format") == "lora":
         pipe.load_lora_weights(pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
+    from tqdm.auto import tqdm
+
     generated = []
-    for i in range(0, len(items), batch):
+    for i in tqdm(range(0, len(items), batch), desc="eval: generating", unit="batch", dynamic_ncols=True):
         chunk = items[i:i + batch]
         gens = [torch.Generator(device=dev).manual_seed(seed + i + j) for j in range(len(chunk))]
         res = info["resolution"]

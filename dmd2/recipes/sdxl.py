@@ -311,6 +311,7 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     return Components(generator=nets.generator, fake_score=nets.fake_score, teacher=teacher, schedule=parts.schedule,
                       sampler=sampler, latents=latents, real_data=real_data, gan_head=head,
                       gan_layers=["gan_tap"] if head is not None else [], sample_fn=sample_fn,
+                      sample_rows=[p if len(p) <= 40 else p[:39] + "~" for p in sample_prompts],  # one row per prompt
                       fsdp_units=_unet_blocks if m.memory_mode == "full" else None)
 
 
