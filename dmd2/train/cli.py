@@ -1,4 +1,4 @@
-"""The command line every recipe shares ("Command line and run folder")::
+"""The command line every recipe shares (docs/training.md, "Command line")::
 
     python -m dmd2.recipes.NAME [COMMAND] [--preset P] [--config FILE] [--out DIR] [--resume auto|PATH] [--dry-run]
                                 [--steps N] [key.sub=value ...]

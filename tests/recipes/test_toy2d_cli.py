@@ -3,7 +3,6 @@ keys the loop does not read are refused rather than ignored."""
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from dmd2.recipes import toy2d
