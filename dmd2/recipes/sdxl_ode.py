@@ -76,7 +76,8 @@ class SDXLODEConfig:
     Attributes:
         num: pairs to make (``ode-pairs``, ``--num``) and to regress on (``ode-pretrain``: the first ``num``).
         teacher_steps: DDIM / Euler steps of the teacher, trailing spacing (official: 50).
-        batch: pairs per teacher call (per rank); shard_size: pairs per shard file.
+        batch: pairs per teacher call (per rank).
+        shard_size: pairs per shard file (``ode-pairs`` writes, and resumes, whole shards).
         vae: decoder of the LPIPS images - ``""`` (the model's VAE) or a hub id / folder of a diffusers
             ``AutoencoderTiny`` (official: ``madebyollin/taesdxl``).
         lpips_net: LPIPS trunk, ``vgg`` | ``alex`` | ``squeeze`` (official: VGG-16).
