@@ -475,7 +475,7 @@ PRESETS = {
 }
 
 # the 1-step warm start's commands (ode-pairs, ode-pretrain): the official regression, and a CPU run of it
-PRESETS["ode-paper"] = ODE_PRESETS["paper"]
+PRESETS["ode-paper"] = {**ODE_PRESETS["paper"], "data.prompts": ""}  # a prompt file (not the 4-step runs' real captions)
 PRESETS["ode-tiny"] = {**PRESETS["tiny"], **ODE_PRESETS["tiny"]}
 
 #: defaults = the paper's hyperparameters (single process; ``--preset paper`` adds FSDP2 for torchrun)
