@@ -254,16 +254,17 @@ def _children_cpu() -> float:
 
 # ------------------------------------------------------------------------------------------------ results
 def pytest_counts(path: Path) -> dict:
+    """Counts from pytest's junit XML; a module that failed to import is a collection error, not a test."""
     if not path.exists():
         return {}
-    root = ET.parse(path).getroot()
-    cases = root.findall(".//testcase")
-    failed = [f"{c.get('classname')}::{c.get('name')}" for c in cases
+    cases = ET.parse(path).getroot().findall(".//testcase")
+    coll = [c for c in cases if c.find("error") is not None and c.find("error").get("message") == "collection failure"]
+    tests = [c for c in cases if c not in coll]
+    failed = [f"{c.get('classname')}::{c.get('name')}" for c in tests
               if c.find("failure") is not None or c.find("error") is not None]
-    skipped = sum(1 for c in cases if c.find("skipped") is not None)
-    errors = sum(int(s.get("errors", 0)) for s in root.iter("testsuite"))
-    return {"tests": len(cases), "passed": len(cases) - skipped - len(failed), "skipped": skipped,
-            "failed": failed, "collection_errors": max(0, errors - sum(1 for c in cases if c.find("error") is not None))}
+    skipped = sum(1 for c in tests if c.find("skipped") is not None)
+    return {"tests": len(tests), "passed": len(tests) - skipped - len(failed), "skipped": skipped, "failed": failed,
+            "collection_errors": [c.get("name") for c in coll]}
 
 
 def kernel_rows(path: Path) -> list[dict]:
@@ -289,6 +290,16 @@ def kernel_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _plot(csv_path: Path, png: Path) -> str:
+    """One plot of both kernel parts' rows (each run.py plotted only its own)."""
+    sys.path.insert(0, str(HERE))
+    import harness
+
+    with csv_path.open() as f:
+        harness.plot(list(csv.DictReader(f)), png)
+    return png.name
+
+
 def _f(v, fmt="{:.3f}") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
@@ -300,7 +311,8 @@ def summary_md(res: dict) -> str:
               f"nvcc {env['nvcc']}", "",
               f"torch {env['torch']} · triton {env['triton']} · diffusers {env['diffusers']} · Python {env['python']} · "
               f"{env['cpus']} CPUs · load {env['loadavg']} · commit {env['git_commit']} · {env['date']}", ""]
-    lines.append("APIs missing on this machine: " + (", ".join(env["api_missing"]) or "none") + "")
+    lines.append("APIs missing on this machine: " + (", ".join(env["api_missing"]) or "none"))
+    lines += [f"Result not read: {k}: {v}" for k, v in res.get("errors", {}).items()]
     lines += ["", "| part | status | exit | wall s | CPU s | box s |", "|---|---|---:|---:|---:|---:|"]
     for p in res["parts"]:
         lines.append(f"| {p['name']} | {p['status']} | {p.get('rc', '')} | {p.get('seconds', '')} | {p.get('cpu_s', '')} | "
@@ -308,7 +320,7 @@ def summary_md(res: dict) -> str:
     pt = res.get("pytest", {})
     if pt:
         lines += ["", f"pytest -m gpu: {pt['tests']} tests, {pt['passed']} passed, {pt['skipped']} skipped, "
-                      f"{len(pt['failed'])} failed, {pt['collection_errors']} collection errors"
+                      f"{len(pt['failed'])} failed; modules that failed to import: {', '.join(pt['collection_errors']) or 'none'}"
                   + "".join(f"\n- FAILED {n}" for n in pt["failed"][:20])]
     for name, s in res.get("steps", {}).items():
         k = s["kinds"]
@@ -388,25 +400,34 @@ def main(argv=None) -> int:
                 continue
             plan = work / "sdxl_plan.json" if part.name == "sdxl_plan" else None
             res["parts"].append(run_part(part, cmds[part.name], box, env, log, plan))
-    res["pytest"] = pytest_counts(out / "pytest-gpu.xml")
-    res["kernels"] = kernel_rows(out / "kernels.csv")
-    if res["kernels"]:  # one plot of both kernel parts' rows (each run.py plotted only its own)
-        sys.path.insert(0, str(HERE))
-        import harness
+    res["errors"] = {}
 
-        with (out / "kernels.csv").open() as f:
-            harness.plot(list(csv.DictReader(f)), out / "kernels.png")
-    res["steps"] = {p: json.loads((work / f"{p}.json").read_text()) for p in STEP_CONFIGS if (work / f"{p}.json").exists()}
+    def collect(key, fn):  # a result that cannot be read (a part killed mid-write) is an error to report, not a crash
+        try:
+            res[key] = fn()
+        except Exception as e:
+            res["errors"][key] = f"{type(e).__name__}: {e}"
+
+    collect("pytest", lambda: pytest_counts(out / "pytest-gpu.xml"))
+    collect("kernels", lambda: kernel_rows(out / "kernels.csv"))
+    if res.get("kernels"):
+        collect("kernels_plot", lambda: _plot(out / "kernels.csv", out / "kernels.png"))
+    collect("steps", lambda: {p: json.loads((work / f"{p}.json").read_text())
+                              for p in STEP_CONFIGS if (work / f"{p}.json").exists()})
     if any(p["name"] == "sdxl_plan" and p["status"] == "ok" for p in res["parts"]):
-        res["sdxl_plan"] = json.loads((work / "sdxl_plan.json").read_text())
+        collect("sdxl_plan", lambda: json.loads((work / "sdxl_plan.json").read_text()))
     res["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "suite.json").write_text(json.dumps(res, indent=2, default=str))
-    md = summary_md(res)
+    try:
+        md = summary_md(res)
+    except Exception as e:
+        md = f"# dmd2 device suite\n\nsummary failed ({type(e).__name__}: {e}); every result is in suite.json\n"
     (out / "summary.md").write_text(md)
     shutil.rmtree(work, ignore_errors=True)
     print(md)
     print(f"device suite: {res['seconds']} s; results in {out}")
-    return 0 if all(p["status"] == "ok" or p["status"].startswith("not run") for p in res["parts"]) else 1
+    ok = all(p["status"] == "ok" or p["status"].startswith("not run") for p in res["parts"]) and not res["errors"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
