@@ -8,24 +8,25 @@ recorded whatever the others did (a part that fails or runs out of time is writt
 
 * ``env`` (in-process): GPU, driver, CUDA, nvcc, torch, triton, diffusers and Python versions, load average, commit;
   every API of :data:`API_CHECKS` (what the package needs from torch 2.11 / triton 3.6) looked up, missing ones listed.
-* ``deps`` (30 / 30): ``import diffusers``; if that fails, ``pip install --no-index --no-deps`` every wheel of
+* ``deps`` (15 / 90): ``import diffusers``; if that fails, ``pip install --no-index --no-deps`` every wheel of
   ``--wheels DIR`` into a private folder that goes on the children's ``PYTHONPATH``.
-* ``ext_build`` (100 / 100): ``python -m dmd2.kernels.cuda --build`` for this GPU's architecture (dry: ``--cpu``).
-* ``pytest`` (60 / 60): ``pytest -m gpu tests`` (kernels, extension, Triton vs reference) with a junit XML; the dry run
-  collects the same tests and skips them ("needs a CUDA GPU").
-* ``sdxl_plan`` (40 / 40): ``python -m dmd2.recipes.sdxl memory json``, the planned memory per mode (dry: batch 1 at
+* ``ext_build`` (75 / 90): ``python -m dmd2.kernels.cuda --build`` for this GPU's architecture (dry: ``--cpu``).
+* ``pytest`` (100 / 90): ``pytest -m "gpu or triton" tests`` (the extension's CUDA kernels, every implementation's
+  contract on CUDA, the Triton kernels vs the reference on CUDA) with a junit XML; the dry run runs ``-m gpu``: it
+  collects the same tests and skips them ("needs a CUDA GPU"); CI's test run covers the Triton ones in the interpreter.
+* ``sdxl_plan`` (25 / 90): ``python -m dmd2.recipes.sdxl memory json``, the planned memory per mode (dry: batch 1 at
   256 px).
-* ``step_imagenet64`` (70 / 40): ``benchmarks/step.py --config imagenet64`` (the 296M ADM, batch 40, bf16, random
+* ``step_imagenet64`` (55 / 90): ``benchmarks/step.py --config imagenet64`` (the 296M ADM, batch 40, bf16, random
   weights; dry: ``tiny-imagenet`` on CPU).
-* ``step_sdxl`` (110 / 40): ``benchmarks/step.py --config sdxl`` (SDXL base UNet in ``shared-base`` mode, 1024 px,
+* ``step_sdxl`` (100 / 90): ``benchmarks/step.py --config sdxl`` (SDXL base UNet in ``shared-base`` mode, 1024 px,
   batch 2, gradient checkpointing, random weights materialised from the meta device; dry: ``sdxl-tiny`` on CPU).
-* ``kernels`` (60 / 90): ``benchmarks/run.py`` at full sizes, providers ``torch`` (eager), ``triton``, ``ext``,
+* ``kernels`` (55 / 90): ``benchmarks/run.py`` at full sizes, providers ``torch`` (eager), ``triton``, ``ext``,
   ``--rep-ms 100`` (dry: ``--quick``).
-* ``kernels_compile`` (55 / not run): the same for ``torch.compile`` of the reference, into the same CSV; it comes
+* ``kernels_compile`` (50 / not run): the same for ``torch.compile`` of the reference, into the same CSV; it comes
   last because inductor's compilations take most of its box (rows are written as they are measured, so a box that
   ends keeps what was measured). Not in the dry run: inductor's C++ build takes minutes on a small CPU.
 
-The GPU boxes add up to 470 s (plus a few seconds of env and summary): 8 minutes at most. The dry run's boxes are
+The GPU boxes add up to 475 s (plus a few seconds of env and summary): 8 minutes at most. The dry run's boxes are
 hang guards; it takes about 40 s of CPU (CI runs it after the test suite, with the C++ extension already built), so
 it ends well inside 2 minutes on an idle 2-core machine. Each part's wall and child CPU seconds are recorded.
 
@@ -77,14 +78,14 @@ class Part:
 
 
 PARTS = (
-    Part("deps", 20, 90),
+    Part("deps", 15, 90),
     Part("ext_build", 75, 90),
-    Part("pytest", 60, 90),
-    Part("sdxl_plan", 30, 90),
-    Part("step_imagenet64", 60, 90),
-    Part("step_sdxl", 110, 90),
-    Part("kernels", 60, 90),
-    Part("kernels_compile", 55, None),
+    Part("pytest", 100, 90),
+    Part("sdxl_plan", 25, 90),
+    Part("step_imagenet64", 55, 90),
+    Part("step_sdxl", 100, 90),
+    Part("kernels", 55, 90),
+    Part("kernels_compile", 50, None),
 )
 STEP_CONFIGS = {"step_imagenet64": ("imagenet64", "tiny-imagenet"), "step_sdxl": ("sdxl", "sdxl-tiny")}
 
@@ -180,7 +181,7 @@ def commands(dry: bool, out: Path, work: Path) -> dict[str, list[str]]:
     step = [PY, str(HERE / "step.py"), "--iters", "1", "--csv", str(out / "step.csv")]
     cmds = {
         "ext_build": [PY, "-m", "dmd2.kernels.cuda", "--cpu" if dry else "--build", "--quiet"],
-        "pytest": [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+        "pytest": [PY, "-m", "pytest", "-m", "gpu" if dry else "gpu or triton", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
                    f"--junitxml={out / 'pytest-gpu.xml'}", str(ROOT / "tests")],
         "sdxl_plan": [PY, "-m", "dmd2.recipes.sdxl", "memory", "json"]
                      + (["train.batch_size=1", "model.resolution=256"] if dry else []),
@@ -319,7 +320,7 @@ def summary_md(res: dict) -> str:
                      f"{p.get('box_s', '')} |")
     pt = res.get("pytest", {})
     if pt:
-        lines += ["", f"pytest -m gpu: {pt['tests']} tests, {pt['passed']} passed, {pt['skipped']} skipped, "
+        lines += ["", f"pytest -m '{'gpu' if res['dry_run'] else 'gpu or triton'}': {pt['tests']} tests, {pt['passed']} passed, {pt['skipped']} skipped, "
                       f"{len(pt['failed'])} failed; modules that failed to import: {', '.join(pt['collection_errors']) or 'none'}"
                   + "".join(f"\n- FAILED {n}" for n in pt["failed"][:20])]
     for name, s in res.get("steps", {}).items():
