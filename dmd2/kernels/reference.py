@@ -369,7 +369,7 @@ def fused_dm(
     eps: float = 1e-6,
     return_x0: bool = False,
 ) -> FusedDMOutput:
-    r"""The whole distribution-matching step of DMD2's generator update (Sec. 3, Eq. 2; DESIGN "generator update" 3-4).
+    r"""The whole distribution-matching step of DMD2's generator update (Sec. 3, Eq. 2; docs/design.md "Generator update" 3-4).
 
     With ``P`` the prediction-to-x0 map (``P(y) = y`` for ``prediction="x0"``, ``P(y) = (x_t - sigma_b y) / alpha_b``
     for ``prediction="eps"``) and ``s`` the CFG scale:
@@ -442,7 +442,7 @@ def denoise_loss(
     seed: int | None = None,
     offset: int | None = None,
 ) -> torch.Tensor:
-    r"""Per-sample weighted denoising score-matching loss of the critic (DMD2 Sec. 4.2; DESIGN "critic update" 2).
+    r"""Per-sample weighted denoising score-matching loss of the critic (DMD2 Sec. 4.2; docs/design.md "Critic update" 2).
 
     .. math:: L_b = w_b \operatorname{mean}_j (\mathrm{pred}_{bj} - y_{bj})^2
 
