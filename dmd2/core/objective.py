@@ -14,7 +14,8 @@ Critic loss (run ``ratio`` times per generator update, :class:`~dmd2.core.critic
 
 1. ``x = G(...)`` under no-grad (same backward simulation), or given: the generator turn's detached output
    (:attr:`DMD2.last_samples`), as the official code does on generator turns;
-2. ``L_fake = mean lambda(t) |D_fake(x_t, t, c) - x|^2`` (denoising score matching on generator samples);
+2. ``L_fake = mean lambda(t) |D_fake(x_t, t, c) - x|^2`` (denoising score matching on generator samples), ``t`` in
+   ``[critic_min_frac, critic_max_frac]`` (the whole schedule, as the official code's ``t ~ U[0, 1000)``);
 3. ``L_D = mean softplus(H(F(fake_t'))) + softplus(-H(F(real_t'')))``, training the head and the fake backbone;
 4. ``loss = L_fake + w_gan_d L_D``.
 
@@ -53,7 +54,9 @@ class DMD2Config:
         dm_weight: weight of the distribution-matching surrogate.
         gan_generator_weight: weight of the generator's GAN term (ImageNet 3e-3, SDXL 5e-3); needs a GAN head.
         gan_discriminator_weight: weight of the critic's GAN term (1e-2); needs a GAN head.
-        min_frac, max_frac: range of ``t`` (fraction of the schedule) for the DM term and the fake score's denoising loss.
+        min_frac, max_frac: range of ``t`` (fraction of the schedule) for the DM term (paper: 2%..98%).
+        critic_min_frac, critic_max_frac: range of ``t`` for the fake score's denoising loss (official: the whole
+            schedule, ``t ~ U[0, 1000)``).
         gan_min_frac, gan_max_frac: range of ``t'`` for the diffusion GAN.
         fake_step_conditioning: also give the fake score the student's 0-based step index, as keyword
             ``step_index`` (a ``(B,)`` long tensor) - one fake distribution per step of a multi-step student.
@@ -76,6 +79,8 @@ class DMD2Config:
     gan_discriminator_weight: float = 0.0
     min_frac: float = 0.02
     max_frac: float = 0.98
+    critic_min_frac: float = 0.0
+    critic_max_frac: float = 1.0
     gan_min_frac: float = 0.0
     gan_max_frac: float = 1.0
     fake_step_conditioning: bool = False
@@ -88,7 +93,8 @@ class DMD2Config:
     def __post_init__(self):
         if not 0 <= self.noise_seed < 2**63:
             raise ValueError(f"DMD2Config: noise_seed must lie in [0, 2**63), got {self.noise_seed}")
-        for a, b in ((self.min_frac, self.max_frac), (self.gan_min_frac, self.gan_max_frac)):
+        for a, b in ((self.min_frac, self.max_frac), (self.critic_min_frac, self.critic_max_frac),
+                     (self.gan_min_frac, self.gan_max_frac)):
             if not (0.0 <= a <= b <= 1.0):
                 raise ValueError(f"DMD2Config: noise ranges must satisfy 0 <= min <= max <= 1, got ({a}, {b})")
         for name in ("dm_weight", "gan_generator_weight", "gan_discriminator_weight"):
@@ -253,7 +259,7 @@ class DMD2:
         else:
             x, k = samples.x.detach(), samples.k
         b = x.shape[0]
-        t = self.schedule.sample_t(b, c.min_frac, c.max_frac, generator=generator, device=x.device)
+        t = self.schedule.sample_t(b, c.critic_min_frac, c.critic_max_frac, generator=generator, device=x.device)
         x_t = self._add_noise(x, t, generator)
         pred = self._fake(x_t, t, cond, k)
         if c.fused_ops:

@@ -27,7 +27,7 @@ def _old_logits(dmd, x, cond, k, g):
 
 
 def test_critic_logits_in_one_2B_pass_match_one_pass_per_batch():
-    cfg = DMD2Config(gan_generator_weight=3e-3, gan_discriminator_weight=1e-2)
+    cfg = DMD2Config(gan_generator_weight=3e-3, gan_discriminator_weight=1e-2, critic_min_frac=0.02, critic_max_frac=0.98)
     dmd, _, fake, head = make(with_gan=True, cfg=cfg)
     passes = []
     fake.register_forward_pre_hook(lambda m, a: passes.append(a[0].shape[0]))
@@ -40,7 +40,7 @@ def test_critic_logits_in_one_2B_pass_match_one_pass_per_batch():
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         x, sim = dmd.generate(noise, None, None, g)
-    t = dmd.schedule.sample_t(B, cfg.min_frac, cfg.max_frac, generator=g)
+    t = dmd.schedule.sample_t(B, cfg.critic_min_frac, cfg.critic_max_frac, generator=g)
     pred = dmd._fake(dmd._add_noise(x, t, g), t, None, sim.k)
     from dmd2.core.losses import denoising_loss, gan_discriminator_loss
 
@@ -106,3 +106,21 @@ def test_head_and_dm_fake_query_run_in_fp32_under_bf16_autocast():
     assert ("fake", torch.bfloat16) in critic              # the fake score's own denoising pass: autocast
     assert all(s[1:] == (torch.float32, torch.float32) for s in seen if s[0] == "head")
     assert sum(s[0] == "head" for s in seen) == 2
+
+
+def test_critic_denoising_time_range_is_its_own_and_defaults_to_the_whole_schedule():
+    assert (DMD2Config().critic_min_frac, DMD2Config().critic_max_frac) == (0.0, 1.0)
+    assert (DMD2Config().min_frac, DMD2Config().max_frac) == (0.02, 0.98)
+    cfg = DMD2Config(critic_min_frac=0.5, critic_max_frac=0.5, min_frac=0.9, max_frac=0.9)
+    dmd, _, fake, _ = make(cfg=cfg)
+    times = []
+    fake.register_forward_pre_hook(lambda m, a: times.append(a[1].clone()))
+    noise, _ = _inputs()
+    dmd.critic_loss(noise, generator=torch.Generator().manual_seed(0))
+    dmd.generator_loss(noise, generator=torch.Generator().manual_seed(0))
+    critic_t, dm_t = times
+    ref = dmd.schedule.sample_t(B, 0.5, 0.5)
+    assert torch.equal(critic_t, ref) and not torch.equal(dm_t, ref)
+    assert torch.equal(dm_t, dmd.schedule.sample_t(B, 0.9, 0.9))
+    with pytest.raises(ValueError, match="noise ranges"):
+        DMD2Config(critic_min_frac=0.6, critic_max_frac=0.5)

@@ -21,7 +21,8 @@ from dmd2.train.distributed import exit_process, init_distributed
 N = 4
 MODE = os.environ["DMD2_TEST_MODE"]
 OVERRIDES = [f"train.distributed={MODE}", "train.batch_size=2", "critic.ratio=2", "train.progress=false",
-             "train.sample_every=0", "train.device=cpu", "train.ema_decay=null"]
+             "train.sample_every=0", "train.device=cpu", "train.ema_decay=null",
+             "objective.critic_min_frac=0.02", "objective.critic_max_frac=0.98"]
 _run = FeatureHooks.run
 
 
