@@ -68,6 +68,11 @@ class DMD2Config:
             ``generator``; eps is never materialised), the DM term from ``fused_dm`` and the fake score's denoising
             loss from ``denoise_loss``. Same math; a different (but reproducible) noise stream.
         noise_seed: the Philox key of ``fused_ops`` noise.
+        gan_from_critic_pass: read the discriminator loss's fake logits from the fake score's denoising pass on the
+            same noisy sample (its features at the tap), saving one features-only pass of ``B`` per critic update.
+            Needs ``critic_min_frac/critic_max_frac == gan_min_frac/gan_max_frac`` so that each term keeps its
+            marginal over ``t``; only the two terms then share noise (a change to the estimator whose effect on
+            quality is unmeasured: opt-in).
         critic_fresh_samples: on generator turns, let the critic update generate fresh samples with the updated
             generator (this project's behaviour before the official one was adopted) instead of reusing the
             generator turn's detached, pre-update output (:attr:`DMD2.last_samples`; the official code's and the
@@ -88,6 +93,7 @@ class DMD2Config:
     impl: str = "auto"
     fused_ops: bool = False
     noise_seed: int = 0
+    gan_from_critic_pass: bool = False
     critic_fresh_samples: bool = False
 
     def __post_init__(self):
@@ -97,6 +103,10 @@ class DMD2Config:
                      (self.gan_min_frac, self.gan_max_frac)):
             if not (0.0 <= a <= b <= 1.0):
                 raise ValueError(f"DMD2Config: noise ranges must satisfy 0 <= min <= max <= 1, got ({a}, {b})")
+        if self.gan_from_critic_pass and (self.critic_min_frac, self.critic_max_frac) != (self.gan_min_frac, self.gan_max_frac):
+            raise ValueError("DMD2Config: gan_from_critic_pass reads the GAN's fake logits from the denoising pass, so "
+                             "critic_min_frac/critic_max_frac must equal gan_min_frac/gan_max_frac; got "
+                             f"({self.critic_min_frac}, {self.critic_max_frac}) vs ({self.gan_min_frac}, {self.gan_max_frac})")
         for name in ("dm_weight", "gan_generator_weight", "gan_discriminator_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"DMD2Config: {name} must be >= 0, got {getattr(self, name)}")
@@ -261,7 +271,11 @@ class DMD2:
         b = x.shape[0]
         t = self.schedule.sample_t(b, c.critic_min_frac, c.critic_max_frac, generator=generator, device=x.device)
         x_t = self._add_noise(x, t, generator)
-        pred = self._fake(x_t, t, cond, k)
+        shared = self.has_gan and c.gan_from_critic_pass
+        if shared:
+            pred, feats = self.features.run(self._fake, x_t, t, cond, k)
+        else:
+            pred = self._fake(x_t, t, cond, k)
         if c.fused_ops:
             weight = self.schedule.denoising_weight(t)
             loss_fake = kernels.denoise_loss(pred, weight, "x0", x0=x.to(pred.dtype), impl=c.impl).mean()
@@ -273,7 +287,10 @@ class DMD2:
             if real.shape[1:] != x.shape[1:]:
                 raise ValueError(f"DMD2.critic_loss: real images must have shape (B', {tuple(x.shape[1:])}), got {tuple(real.shape)}")
             rc = cond if real_cond is None else real_cond
-            fake_logits, real_logits = self._logits([x, real.to(x.dtype)], [cond, rc], k, generator)
+            if shared:
+                fake_logits, (real_logits,) = self._head(feats), self._logits([real.to(x.dtype)], [rc], k, generator)
+            else:
+                fake_logits, real_logits = self._logits([x, real.to(x.dtype)], [cond, rc], k, generator)
             loss_d = gan_discriminator_loss(fake_logits, real_logits).mean()
             loss = loss + c.gan_discriminator_weight * loss_d
             logs.update(loss_gan_d=loss_d.detach(), logits_fake=fake_logits.detach().mean(),

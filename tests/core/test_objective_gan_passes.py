@@ -124,3 +124,21 @@ def test_critic_denoising_time_range_is_its_own_and_defaults_to_the_whole_schedu
     assert torch.equal(dm_t, dmd.schedule.sample_t(B, 0.9, 0.9))
     with pytest.raises(ValueError, match="noise ranges"):
         DMD2Config(critic_min_frac=0.6, critic_max_frac=0.5)
+
+
+def test_gan_from_critic_pass_reads_fake_logits_from_the_denoising_pass():
+    with pytest.raises(ValueError, match="gan_from_critic_pass"):
+        DMD2Config(gan_from_critic_pass=True, critic_min_frac=0.02, critic_max_frac=0.98)
+    cfg = DMD2Config(gan_generator_weight=3e-3, gan_discriminator_weight=1e-2, gan_from_critic_pass=True)
+    dmd, _, fake, head = make(with_gan=True, cfg=cfg)
+    passes, mid = [], []
+    fake.register_forward_pre_hook(lambda m, a: passes.append((a[0].clone(), a[1].clone())))
+    fake.inner.model.out.register_forward_pre_hook(lambda m, a: mid.append(a[0].shape[0]))
+    noise, real = _inputs()
+    _, logs = dmd.critic_loss(noise, None, real, generator=torch.Generator().manual_seed(4))
+    assert [p[0].shape[0] for p in passes] == [B, B] and mid == [B]  # one full pass, one stopped pass of B (real)
+    (x_t, t), (real_t, _) = passes
+    with torch.no_grad():
+        _, feats = dmd.features.run(dmd._fake, x_t, t, None, 1, features_only=True)
+        assert torch.equal(logs["logits_fake"], head(feats).mean())  # the denoising pass's own features
+    assert not torch.equal(real_t, x_t)

@@ -122,3 +122,18 @@ def test_stopped_feature_passes_under_torchrun(mode):
     proc = torchrun(None, script=ROOT / "tests" / "train" / "stop_worker.py", env={"DMD2_TEST_MODE": mode})
     found = re.findall(r"RESULT rank=(\d) equal=(\w+) moved=(\w+) lone=(\w+) state=(\w+)", proc.stdout)
     assert sorted(found) == [(r, "True", "True", "True", "True") for r in "01"], proc.stdout + proc.stderr[-3000:]
+
+
+def test_pass_counts_gan_from_critic_pass(tmp_path):
+    """objective.gan_from_critic_pass: the critic's stopped pass holds the real batch only (B, not 2B)."""
+    cfg = resolve_config(imagenet64.RECIPE, "tiny", TINY_IMAGENET + ["objective.gan_from_critic_pass=true"],
+                         out=str(tmp_path))
+    tr = Trainer(cfg, imagenet64.RECIPE.build(cfg), out=tmp_path)
+    batches = []
+    tr.fake.register_forward_pre_hook(lambda m, a: batches.append(a[0].shape[0]))
+    take = _count(tr)
+    tr.train_step()
+    assert take() == (4, 2)
+    batches.clear()
+    tr.train_step()
+    assert take() == (2, 1) and batches == [8, 8]
