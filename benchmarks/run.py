@@ -4,7 +4,8 @@ Full run (GPU): SDXL latents (B = 2 and 16, 4x128x128) and ImageNet-64 (B = 40, 
 are appended to ``benchmarks/results/<device>.csv`` (committed) with a PNG plot next to it. ``--quick``: every op at
 one small shape, written to the git-ignored ``benchmarks/results/quick-<device>.csv``; on CPU it runs the Triton
 kernels in Triton's interpreter (correctness of the benchmark code only; those timings mean nothing) and skips, with
-the reason, what cannot run there.
+the reason, what cannot run there. ``--quick`` also runs the whole-iteration benchmark (``step.py``) at the tiny
+ImageNet config with batch 2 for one TTUR cycle, into ``benchmarks/results/quick-step-<device>.csv``.
 """
 from __future__ import annotations
 
@@ -59,6 +60,11 @@ def main(argv=None) -> None:
     harness.write(rows, out)
     harness.plot(rows, out.with_suffix(".png"))
     print(f"{len(rows)} rows appended to {out} (plot: {out.with_suffix('.png').name}) in {time.perf_counter() - t0:.1f} s")
+    if args.quick:
+        import step
+
+        step.main(["--config", "tiny-imagenet", "--device", device.type, "--iters", "1", "--warmup", "0",
+                   "--set", "train.batch_size=2", "--csv", str(HERE / "results" / f"quick-step-{harness.device_name()}.csv")])
 
 
 if __name__ == "__main__":

@@ -130,6 +130,32 @@ def _enable_grad_checkpointing(module: nn.Module, units) -> None:
                          "and the recipe gave no Components.checkpoint_units")
 
 
+def _compile_blocks(modules: Iterable[Any], units) -> None:
+    """``torch.compile`` the ``forward`` of each block ``units(module)`` returns (the whole module when it returns
+    none): module hooks run in eager mode around the compiled code (FeatureHooks' taps and stop, FSDP2's unshard /
+    reshard, DDP's reducer on the parameters), and activation checkpointing wraps the compiled forward. Blocks shared
+    between networks (LoRA modes) are compiled once.
+
+    Static shapes (``dynamic=False``): the batch takes a few values per run (B, the 2B of the critic's GAN pass and of
+    CFG), each compiled once; inductor's dynamic-shape path failed here on CPU (torch 2.14: "cannot determine truth
+    value of Relational" in a GroupNorm kernel). The blocks of one class share one code object, so Dynamo's
+    per-code-object recompile limit is raised to hold every (block shape, batch, grad mode) variant (a process-wide
+    setting, never lowered)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.cache_size_limit = max(cfg.cache_size_limit, 256)
+    cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 1024)
+    done: set[int] = set()
+    for module in modules:
+        if not isinstance(module, nn.Module):
+            continue
+        for u in (list(units(module)) if units is not None else []) or [module]:
+            if id(u) not in done:
+                done.add(id(u))
+                u.forward = torch.compile(u.forward, dynamic=False)
+
+
 def _local(t):
     """A DTensor's full value (collective), else the tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -173,6 +199,9 @@ class Trainer:
         critic_names = [[n for n, p in m.named_parameters() if p.requires_grad] for m in (fake, head) if m is not None]
         if not gen_names or not critic_names[0]:
             raise ValueError("Components: the generator and the fake score need trainable parameters (requires_grad=True)")
+        if t.compile:
+            _compile_blocks([gen, fake, components.teacher], components.checkpoint_units or components.fsdp_units)
+            _compile_blocks([head], None)
         if t.grad_checkpointing:
             _enable_grad_checkpointing(gen, components.checkpoint_units)
             _enable_grad_checkpointing(fake, components.checkpoint_units)
