@@ -206,7 +206,8 @@ class DMD2:
             cond = _expand_cond(cond, xs[0].shape[0])
             for x, cd in zip(xs[1:], conds[1:]):
                 cond = cat_cond(cond, _expand_cond(cd, x.shape[0]))
-        _, feats = self.features.run(self._fake, torch.cat(x_ts), torch.cat(ts), cond, k, features_only=True)
+        x_t, t = (x_ts[0], ts[0]) if len(xs) == 1 else (torch.cat(x_ts), torch.cat(ts))
+        _, feats = self.features.run(self._fake, x_t, t, cond, k, features_only=True)
         return list(self._head(feats).split([x.shape[0] for x in xs]))
 
     def generate(self, noise: torch.Tensor, cond: Any = None, k: int | None = None, generator=None):
