@@ -137,3 +137,31 @@ def test_pass_counts_gan_from_critic_pass(tmp_path):
     batches.clear()
     tr.train_step()
     assert take() == (2, 1) and batches == [8, 8]
+
+
+def test_exact_resume_with_fresh_critic_samples(tmp_path):
+    """objective.critic_fresh_samples=true (the former behaviour) resumes bit-exactly as the default does."""
+    from train_helpers import run_inprocess, weights
+
+    fresh = "objective.critic_fresh_samples=true"
+    straight = run_inprocess(tmp_path / "straight", "train.max_steps=8", fresh)
+    out = run_inprocess(tmp_path / "run", "train.max_steps=4", fresh)
+    run_inprocess(out, "train.max_steps=8", fresh, "--resume", "auto")
+    assert_tree_equal(weights(straight, 8)[0], weights(out, 8)[0])
+    default = run_inprocess(tmp_path / "default", "train.max_steps=8")
+    g_f, g_d = weights(straight, 8)[0]["generator"], weights(default, 8)[0]["generator"]
+    assert any(not torch.equal(g_f[k], g_d[k]) for k in g_f)  # the option changes the run
+
+
+@pytest.mark.slow
+def test_ddp_matches_grad_accum_with_fresh_critic_samples(tmp_path):
+    """2-rank DDP == one process with grad_accum=2, with objective.critic_fresh_samples=true (the default's twin is
+    tests/train/test_train_distributed.py)."""
+    from train_helpers import log_records, losses, weights
+
+    fresh = "objective.critic_fresh_samples=true"
+    torchrun(tmp_path / "one", "train.max_steps=4", "train.grad_accum=2", fresh, nproc=1)
+    torchrun(tmp_path / "ddp", "train.max_steps=4", "train.distributed=ddp", fresh)
+    assert_tree_equal(weights(tmp_path / "one", 4)[0], weights(tmp_path / "ddp", 4)[0], atol=1e-5)
+    for a, b in zip(losses(log_records(tmp_path / "one")), losses(log_records(tmp_path / "ddp"))):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-5) for k in a)
