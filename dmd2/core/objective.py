@@ -188,12 +188,12 @@ class DMD2:
         with self._fp32(feats[0].device):
             return self.gan_head([f.float() for f in feats])
 
-    def _logits(self, xs: Sequence[torch.Tensor], conds: Sequence[Any], k: int, generator) -> list[torch.Tensor]:
-        """GAN logits of the head on fake-score features of each batch in ``xs`` at independent diffusion-GAN
-        times, all in ONE features-only pass of the concatenated batches (conds joined with ``cat_cond``).
+    def _features(self, xs: Sequence[torch.Tensor], conds: Sequence[Any], k: int, generator) -> list[torch.Tensor]:
+        """Fake-score features (one tensor per tapped layer, batches concatenated) of each batch in ``xs`` at
+        independent diffusion-GAN times, all in ONE features-only pass (conds joined with ``cat_cond``).
 
         Per batch, in order: ``t' ~ U[gan_min_frac, gan_max_frac]`` then its noise (the same draws as one pass per
-        batch). Returns one ``(B_i,)`` logit tensor per batch.
+        batch).
         """
         c = self.config
         x_ts, ts = [], []
@@ -207,8 +207,7 @@ class DMD2:
             for x, cd in zip(xs[1:], conds[1:]):
                 cond = cat_cond(cond, _expand_cond(cd, x.shape[0]))
         x_t, t = (x_ts[0], ts[0]) if len(xs) == 1 else (torch.cat(x_ts), torch.cat(ts))
-        _, feats = self.features.run(self._fake, x_t, t, cond, k, features_only=True)
-        return list(self._head(feats).split([x.shape[0] for x in xs]))
+        return self.features.run(self._fake, x_t, t, cond, k, features_only=True)[1]
 
     def generate(self, noise: torch.Tensor, cond: Any = None, k: int | None = None, generator=None):
         """Backward-simulated input and the generator's differentiable output: ``(x, simulated)``."""
@@ -242,7 +241,7 @@ class DMD2:
         loss = c.dm_weight * loss_dm
         logs = {"loss_dm": loss_dm.detach(), "k": torch.tensor(sim.k)}
         if self.has_gan:
-            loss_g = gan_generator_loss(self._logits([x], [cond], sim.k, generator)[0]).mean()
+            loss_g = gan_generator_loss(self._head(self._features([x], [cond], sim.k, generator))).mean()
             loss = loss + c.gan_generator_weight * loss_g
             logs["loss_gan_g"] = loss_g.detach()
         logs["loss_g"] = loss.detach()
@@ -288,10 +287,12 @@ class DMD2:
             if real.shape[1:] != x.shape[1:]:
                 raise ValueError(f"DMD2.critic_loss: real images must have shape (B', {tuple(x.shape[1:])}), got {tuple(real.shape)}")
             rc = cond if real_cond is None else real_cond
-            if shared:
-                fake_logits, (real_logits,) = self._head(feats), self._logits([real.to(x.dtype)], [rc], k, generator)
+            if shared:  # the denoising pass's features of the fakes, a features-only pass of the reals
+                real_feats = self._features([real.to(x.dtype)], [rc], k, generator)
+                feats = [torch.cat([f, r]) for f, r in zip(feats, real_feats)]
             else:
-                fake_logits, real_logits = self._logits([x, real.to(x.dtype)], [cond, rc], k, generator)
+                feats = self._features([x, real.to(x.dtype)], [cond, rc], k, generator)
+            fake_logits, real_logits = self._head(feats).split([b, real.shape[0]])  # one head call
             loss_d = gan_discriminator_loss(fake_logits, real_logits).mean()
             loss = loss + c.gan_discriminator_weight * loss_d
             logs.update(loss_gan_d=loss_d.detach(), logits_fake=fake_logits.detach().mean(),

@@ -140,8 +140,8 @@ def _compile_blocks(modules: Iterable[Any], units) -> None:
     between networks (LoRA modes) are compiled once.
 
     Static shapes (``dynamic=False``): the batch takes a few values per run (B, the 2B of the critic's GAN pass and of
-    CFG), each compiled once; inductor's dynamic-shape path failed here on CPU (torch 2.14: "cannot determine truth
-    value of Relational" in a GroupNorm kernel). The blocks of one class share one code object, so Dynamo's
+    CFG), each compiled once; with automatic dynamic shapes inductor failed on CPU (torch 2.14.1, ADM blocks:
+    "cannot determine truth value of Relational: 32*s0*s53 < 32"). The blocks of one class share one code object, so Dynamo's
     per-code-object recompile limit is raised to hold every (block shape, batch, grad mode) variant (a process-wide
     setting, never lowered)."""
     import torch._dynamo
