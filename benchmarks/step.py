@@ -32,7 +32,8 @@ Pass inventory: per network, passes that returned (``full``) and passes that end
 ``--tree PATH`` imports ``dmd2`` from another checkout (e.g. the main branch), so one script times both;
 ``--compare A B --rounds R`` runs this script in subprocesses alternating trees A and B (A, B, A, B, ...), prints
 the medians of the per-run amortised times, their ratio B/A and the load average (``--set-b`` overrides for B only).
-Results are appended to ``benchmarks/results/step-<device>.csv`` (``--csv`` to change).
+Results are appended to ``benchmarks/results/step-<device>.csv`` (``--csv`` to change; with ``--compare`` every run
+appends its rows, ``tree`` naming the checkout).
 """
 from __future__ import annotations
 
@@ -423,16 +424,19 @@ def compare(args, argv) -> dict:
                 path = f.name
             extra = [x for s in args.sets_b for x in ("--set", s)] if label == "B" else []
             cmd = [sys.executable, str(Path(__file__).resolve()), *child, *extra, "--tree", tree, "--json", path,
-                   "--csv", "-"]
+                   *(["--csv", args.csv] if args.csv else [])]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             res = json.loads(Path(path).read_text())
             os.unlink(path)
             runs[label].append(res)
             print(f"round {r} {label}: amortised {res['kinds']['amortised']['total']:.4f} s "
                   f"(generator turn {res['kinds']['generator_turn']['total']:.4f}, critic-only "
-                  f"{res['kinds']['critic_only']['total']:.4f})", flush=True)
+                  f"{res['kinds']['critic_only']['total']:.4f}; build {res['build_s']:.1f} s, warm-up cycles "
+                  f"{res['warmup_s']:.1f} s wall)", flush=True)
     out = {"trees": dict(zip("AB", args.compare)), "sets": args.sets, "sets_b": args.sets_b, "rounds": args.rounds,
-           "loadavg_start": load0, "loadavg_end": _loadavg(), "medians": {}, "passes": {}}
+           "loadavg_start": load0, "loadavg_end": _loadavg(), "medians": {}, "passes": {},
+           "runs": {label: [{"amortised": r["kinds"]["amortised"]["total"], "build_s": r["build_s"],
+                             "warmup_s": r["warmup_s"]} for r in runs[label]] for label in "AB"}}
     for label in "AB":
         out["medians"][label] = {k: {p: statistics.median(r["kinds"][k][p] for r in runs[label]) for p in ("total", *PHASES)}
                                  for k in ("generator_turn", "critic_only", "amortised")}

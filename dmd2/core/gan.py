@@ -7,7 +7,8 @@ together with that backbone, to tell diffused real images from diffused generato
   -> ``(B,)`` logits. Each map goes through ``depth`` blocks of strided 4x4 conv + GroupNorm + SiLU, optionally a
   final 4x4 conv of stride 4 (a 4x4 map -> 1x1, as the official heads end), a global average pool and a linear
   layer (on a 1x1 map: the official 1x1 output conv); the per-map logits are summed.
-* :class:`FeatureHooks`: captures named submodule outputs with forward hooks (no patched ``forward``).
+* :class:`FeatureHooks`: captures named submodule outputs with forward hooks (no patched ``forward``); a
+  features-only pass ends the forward after the last tapped layer.
 """
 from __future__ import annotations
 
@@ -125,34 +126,88 @@ class GANHead(nn.Module):
         return logits
 
 
+class _FeaturesReady(Exception):
+    """Ends a features-only forward at the first module call after the last tapped layer (caught in
+    :meth:`FeatureHooks.run`; never escapes it)."""
+
+
+def _finish_interrupted_wrappers(model: nn.Module, output) -> None:
+    """Do the end-of-forward bookkeeping of the data-parallel wrappers whose forward a stop interrupted.
+
+    A stopped forward leaves the modules around the taps (the root, and the containers on the path to the taps)
+    without their end of forward. For plain modules that only means their forward hooks do not run. The wrappers
+    keep per-pass state there: FSDP2's post-forward reshards, registers the pre-backward hook (the unshard before
+    backward) on the outputs and clears the root's "forward in flight" marker; DDP's prepares its reducer for
+    backward. Both are run here with the captured features as the forward's output, so backward through the features
+    and the next forward see the state a completed forward leaves. Modules entirely before the taps completed
+    normally; modules after them never started.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a build without distributed support
+        FSDPModule = ()
+    for m in reversed(list(model.modules())):  # innermost first, as forwards end
+        if FSDPModule and isinstance(m, FSDPModule):
+            state = m._get_fsdp_state()
+            if state._training_state.name == "FORWARD":  # entered, never ended
+                state._post_forward(m, (), output)
+    if isinstance(model, DistributedDataParallel):
+        model._post_forward(output)
+
+
 class FeatureHooks:
     """Capture the outputs of named submodules of ``model`` during a forward pass.
 
     >>> hooks = FeatureHooks(unet, ["mid_block"])
     >>> x0, feats = hooks.run(denoiser, x_t, t, cond)   # feats: list of tensors, in ``layers`` order
+    >>> _, feats = hooks.run(denoiser, x_t, t, cond, features_only=True)   # the forward ends after the taps
 
     Hooks are registered once and record only inside :meth:`run` / :meth:`capture`; call :meth:`remove` to detach.
-    A submodule that returns a tuple contributes its first element.
+    A submodule that returns a tuple contributes its first element; a layer that runs several times in one forward
+    contributes its first output under ``features_only`` (its last otherwise).
+
+    ``features_only``: once every tapped layer has produced its output (its forward hooks included), the next
+    module call raises a private exception that ends the forward and :meth:`run` catches - the layers after the taps
+    (a UNet's decoder) never run, for any ``nn.Module`` and any wrapping: DDP and FSDP2 wrappers interrupted by the
+    stop get their end-of-forward bookkeeping (:func:`_finish_interrupted_wrappers`), and activation checkpointing
+    (non-reentrant) recomputes only what the stopped forward saved. The features, and gradients through them, are
+    exactly those of the full forward when the skipped layers draw no random numbers (dropout there would consume
+    the global generator in the full forward only).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str]):
         if not layers:
             raise ValueError("FeatureHooks: give at least one layer name")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"FeatureHooks: layer names must be distinct, got {list(layers)}")
         names = dict(model.named_modules())
         missing = [n for n in layers if n not in names]
         if missing:
             sample = [n for n in names if n][:40]
             raise ValueError(f"FeatureHooks: no submodule named {missing}; some valid names: {sample}")
+        self.model = model
         self.layers = list(layers)
         self._store: dict[str, torch.Tensor] | None = None
+        self._stop = False
+        self._stopper = None  # the global pre-forward hook that ends a features-only forward, while armed
         self._handles = [names[n].register_forward_hook(self._make_hook(n)) for n in self.layers]
 
     def _make_hook(self, name: str):
         def hook(module, args, output):
-            if self._store is not None:
-                self._store[name] = output[0] if isinstance(output, (tuple, list)) else output
+            store = self._store
+            if store is None or (self._stop and name in store):
+                return
+            store[name] = output[0] if isinstance(output, (tuple, list)) else output
+            if self._stop and self._stopper is None and len(store) == len(self.layers):
+                self._stopper = nn.modules.module.register_module_forward_pre_hook(self._end_forward)
 
         return hook
+
+    @staticmethod
+    def _end_forward(module, args):
+        raise _FeaturesReady
 
     @contextmanager
     def capture(self):
@@ -167,11 +222,24 @@ class FeatureHooks:
             out.extend(self._store[n] for n in self.layers)
         finally:
             self._store = None
+            self._stop = False
+            if self._stopper is not None:
+                self._stopper.remove()
+                self._stopper = None
 
-    def run(self, fn, *args, **kwargs):
-        """Call ``fn(*args, **kwargs)`` and return ``(output, features)``."""
+    def run(self, fn, *args, features_only: bool = False, **kwargs):
+        """Call ``fn(*args, **kwargs)`` (a forward of ``model``) and return ``(output, features)``; with
+        ``features_only`` the forward ends after the last tapped layer and ``output`` is ``None`` (unless nothing
+        ran after the taps)."""
         with self.capture() as feats:
-            y = fn(*args, **kwargs)
+            self._stop = features_only
+            try:
+                y = fn(*args, **kwargs)
+            except _FeaturesReady:
+                y = None
+                self._stopper.remove()
+                self._stopper = None
+                _finish_interrupted_wrappers(self.model, [self._store[n] for n in self.layers])
         return y, feats
 
     def remove(self) -> None:

@@ -55,6 +55,9 @@ class TrainConfig:
         seed: base seed; all randomness of iteration ``s`` derives from ``(seed, s, phase, shard)``.
         distributed: ``"none"``, ``"ddp"`` or ``"fsdp2"`` (launch with ``torchrun`` for the latter two).
         grad_checkpointing: recompute activations of the trained networks in backward.
+        compile: ``torch.compile`` the networks (generator, fake score, teacher, GAN head) block by block: the
+            forward of each of the recipe's blocks (``Components.checkpoint_units``, else ``fsdp_units``, else the
+            whole network), so module hooks (feature taps, FSDP2's) stay outside the compiled code.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         out: run folder (``--out``).
         resume: ``""`` (a fresh run), ``"auto"`` (the newest complete checkpoint in ``out``) or a checkpoint folder
@@ -85,6 +88,7 @@ class TrainConfig:
     seed: int = 0
     distributed: str = "none"
     grad_checkpointing: bool = False
+    compile: bool = False
     device: str = "auto"
     out: str = ""
     resume: str = ""
