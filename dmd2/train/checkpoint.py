@@ -168,7 +168,8 @@ _HELD: dict[str, list] = {}  # resolved folder -> [open lock file, depth]: the l
 @contextlib.contextmanager
 def hold_run_folder(out: str | Path) -> Iterator[Path]:
     """Hold an exclusive ``flock`` on ``OUT/.lock`` (creating ``OUT``) for the ``with`` block; the file records the
-    holder's pid. Re-entrant within one process; the OS releases it when the process dies. A second process gets
+    holder's pid. Re-entrant within one process; the OS releases it when the process dies. A folder this call
+    created is removed again if nothing but the lock was written in it (a run that failed while building). A second process gets
     :class:`RunFolderLocked` naming the folder and the holder's pid, at once (no waiting)."""
     out = Path(out)
     key = str(out.resolve())
@@ -179,6 +180,7 @@ def hold_run_folder(out: str | Path) -> Iterator[Path]:
         finally:
             _HELD[key][1] -= 1
         return
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     f = open(out / ".lock", "a+")
     try:
@@ -199,6 +201,9 @@ def hold_run_folder(out: str | Path) -> Iterator[Path]:
     finally:
         if _HELD[key][1] == 1:
             del _HELD[key]
+            if created and [p.name for p in out.iterdir()] == [".lock"]:  # it failed before writing: leave no trace
+                (out / ".lock").unlink()
+                out.rmdir()
             f.close()  # releases the flock
         else:
             _HELD[key][1] -= 1

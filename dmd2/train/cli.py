@@ -162,7 +162,7 @@ def run_training(recipe: Recipe, cfg: RecipeConfig, allow_config_change: bool = 
             if resume is not None:
                 diff = check_resume_config(cfg, resume, info.world_size, allow_config_change)
                 if diff and info.is_main:
-                    print(f"config changed at resume (--allow-config-change): {'; '.join(diff)}", file=sys.stderr,
+                    print(f"warning: config changed at resume (--allow-config-change): {'; '.join(diff)}", file=sys.stderr,
                           flush=True)
             torch.manual_seed(cfg.train.seed)
             components = recipe.build(cfg, info)
