@@ -5,7 +5,10 @@
 COMMAND defaults to ``train``; a recipe registers more in :attr:`Recipe.commands`. The config is resolved as:
 the recipe's defaults, then the preset's overrides, then ``--out`` (``train.out``), ``--resume`` (``train.resume``),
 ``--steps`` (``sampler.steps``), then the ``key.sub=value`` overrides in order. ``--dry-run`` prints the resolved
-config as JSON and writes nothing. Bad input (unknown key, preset or command) prints ``error: ...`` and returns 2.
+config as JSON and writes nothing. Bad input (unknown key, preset or command, a missing or unreadable file, a
+checkpoint that does not verify or fit, a config changed at resume without ``--allow-config-change``, a run folder in
+use, a full disk) prints one line ``error: ...`` and returns 2; a run stopped by SIGTERM / SIGINT returns
+``128 + signal`` after its checkpoint.
 """
 from __future__ import annotations
 
