@@ -92,6 +92,9 @@ RESUME_FREE_KEYS = ("train.max_steps", "train.out", "train.resume", "train.progr
                     "train.grad_checkpointing", "eval.")
 
 
+_ABSENT = object()
+
+
 def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
     """``["key: old -> new", ...]`` between two nested config dicts (keys in either), skipping
     :data:`RESUME_FREE_KEYS` (an entry ending in ``.`` is a whole section)."""
@@ -100,12 +103,12 @@ def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
         key = prefix + str(k)
         if key in RESUME_FREE_KEYS or any(f.endswith(".") and key.startswith(f) for f in RESUME_FREE_KEYS):
             continue
-        a, b = old.get(k, "(absent)"), new.get(k, "(absent)")
+        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out += config_diff(a, b, key + ".")
         elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
-            out.append(f"{key}: {json.dumps(a) if not isinstance(a, str) or a == '(absent)' else repr(a)} -> "
-                       f"{json.dumps(b) if not isinstance(b, str) or b == '(absent)' else repr(b)}")
+            show = [("(absent)" if v is _ABSENT else json.dumps(list(v) if isinstance(v, tuple) else v)) for v in (a, b)]
+            out.append(f"{key}: {show[0]} -> {show[1]}")
     return out
 
 
