@@ -172,7 +172,7 @@ def load_sdxl(path: str | Path, dtype: torch.dtype = torch.float32, local_files_
         if name not in components:
             out[name] = None
             continue
-        kw = {} if name.startswith("tokenizer") else ({"torch_dtype": dtype} if name in ("unet", "vae") else {"dtype": dtype})
+        kw = {} if name.startswith("tokenizer") else {"dtype": dtype}
         out[name] = _load(classes[name], path, SUBFOLDERS[name], local_only, **kw)
     if not looks_local and out["unet"] is not None:
         try:  # the scheduler config of a cached hub model

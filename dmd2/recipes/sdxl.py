@@ -9,6 +9,9 @@ Presets + builders on :mod:`dmd2.train` (no loop of its own)::
     python -m dmd2.recipes.sdxl sample CKPT OUT.png ["a prompt" ...]   # a sample grid from a checkpoint
     python -m dmd2.recipes.sdxl memory                            # memory plan per mode (meta-device SDXL UNet)
     python -m dmd2.recipes.sdxl cache-latents OUT_DIR             # VAE latents of data.real, for data.real_kind=latents
+    python -m dmd2.recipes.sdxl ode-pairs PAIRS --num 10000 --preset ode-paper   # the 1-step warm start
+    python -m dmd2.recipes.sdxl ode-pretrain PAIRS --preset ode-paper --out WARM  # (:mod:`dmd2.recipes.sdxl_ode`)
+    python -m dmd2.recipes.sdxl --preset paper --steps 1 model.generator_init=WARM ...
 
 The pieces: teacher = SDXL with classifier-free guidance 8 (standard form, one batched 2B forward, unconditional =
 zero text embeddings); generator and fake score initialised from the teacher (full copies or LoRA adapters, per
@@ -28,6 +31,8 @@ import torch
 from ..core import BackwardSimulationSampler, CFGDenoiser, GANHead
 from ..models.sdxl import DEFAULT_LORA_TARGETS, MEMORY_MODES, PromptEncoder, build_networks, load_sdxl
 from ..train import Components, IndexedBatches, Recipe, RecipeConfig, apply_overrides, main
+from .sdxl_ode import (ODE_PRESETS, SDXLODEConfig, generator_init_checkpoint, load_generator_init, ode_pairs_command,
+                       ode_pretrain_command)
 
 __all__ = ["SDXLModelConfig", "SDXLDataConfig", "SDXLExportConfig", "SDXLEvalConfig", "SDXLConfig", "grid", "build",
            "base_path", "PRESETS", "RECIPE", "DTYPES"]
@@ -51,6 +56,8 @@ class SDXLModelConfig:
         uncond: ``zeros`` (zero text embeddings, the paper's choice) or ``empty`` (the encoded empty prompt).
         resolution: training resolution in pixels (time ids ``(R, R, 0, 0, R, R)``).
         gan_hidden, gan_depth: the GAN head on the fake UNet's mid-block.
+        generator_init: start the generator (``full`` mode) from this ``ode-pretrain`` output (its run folder or a
+            checkpoint folder) instead of the teacher - the official 1-step run's warm start; empty: the teacher.
     """
 
     path: str = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -67,6 +74,7 @@ class SDXLModelConfig:
     resolution: int = 1024
     gan_hidden: int = 256
     gan_depth: int = 2
+    generator_init: str = ""
 
     def __post_init__(self):
         if self.memory_mode not in MEMORY_MODES:
@@ -84,9 +92,15 @@ class SDXLModelConfig:
 
 @dataclass(frozen=True)
 class SDXLDataConfig:
-    """Prompts for the generator (``prompts``: .txt / .jsonl / .parquet, field ``prompt_key``) and real images for
-    the GAN (``real``: a folder with captions.jsonl, a folder/.tar of webdataset shards, or a latent cache, per
-    ``real_kind`` = ``folder`` | ``webdataset`` | ``latents``); ``seed`` orders the real data."""
+    """Prompts for the generator and real images for the GAN.
+
+    Attributes:
+        prompts: a .txt (one per line), .jsonl or .parquet file of prompts.
+        prompt_key: the prompt field of .jsonl / .parquet (empty: the first of :data:`dmd2.data.prompts.PROMPT_KEYS` present).
+        real: a folder with captions.jsonl, a folder / .tar of webdataset shards, or a latent cache.
+        real_kind: ``folder`` | ``webdataset`` | ``latents``.
+        seed: orders the real data.
+    """
 
     prompts: str = ""
     prompt_key: str = ""
@@ -101,9 +115,13 @@ class SDXLDataConfig:
 
 @dataclass(frozen=True)
 class SDXLExportConfig:
-    """``export``: ``weights`` = ``ema`` (falls back to ``generator`` when the run has no EMA) | ``generator``;
-    ``lora_format`` = ``fused`` (LoRA merged into a full UNet) | ``lora`` (base UNet + ``pytorch_lora_weights``);
-    ``dtype`` of the written weights."""
+    """The ``export`` command (:mod:`dmd2.recipes.sdxl_export`).
+
+    Attributes:
+        weights: ``ema`` (falls back to ``generator`` when the run has no EMA) | ``generator``.
+        lora_format: ``fused`` (LoRA merged into a full UNet) | ``lora`` (base UNet + ``pytorch_lora_weights``).
+        dtype: dtype of the written weights (``fp32`` | ``bf16`` | ``fp16``).
+    """
 
     weights: str = "ema"
     lora_format: str = "fused"
@@ -120,7 +138,19 @@ class SDXLExportConfig:
 
 @dataclass(frozen=True)
 class SDXLEvalConfig:
-    """``eval`` (see :mod:`dmd2.eval.coco`): local COCO-2014 captions, reference images, Inception and CLIP weights."""
+    """The ``eval`` command (:mod:`dmd2.eval.coco`): COCO-2014 FID, Patch FID and CLIP score, all from local files.
+
+    Attributes:
+        captions: COCO-2014 ``captions_val2014.json``.
+        images: folder of the reference images (val2014).
+        num: number of prompts / images (paper: 10,000).
+        inception: the Inception weights (``inception-2015-12-05.pt``).
+        clip_model: the open_clip architecture of the CLIP score.
+        clip_weights: its weights file.
+        batch: images per pipeline call.
+        seed: generation seed.
+        out: write the result JSON here too (empty: printed only).
+    """
 
     captions: str = ""
     images: str = ""
@@ -139,6 +169,7 @@ class SDXLConfig(RecipeConfig):
     data: SDXLDataConfig = field(default_factory=SDXLDataConfig)
     export: SDXLExportConfig = field(default_factory=SDXLExportConfig)
     eval: SDXLEvalConfig = field(default_factory=SDXLEvalConfig)
+    ode: SDXLODEConfig = field(default_factory=SDXLODEConfig)
 
 
 def grid(steps: int) -> list[int]:
@@ -211,6 +242,11 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     if m.memory_mode != "full" and t.distributed == "fsdp2":
         raise ValueError(f"model.memory_mode={m.memory_mode} shares frozen weights between networks and runs on one GPU "
                          "or with train.distributed=ddp; use model.memory_mode=full for fsdp2")
+    init = None
+    if m.generator_init:  # checked before anything is loaded
+        if m.memory_mode != "full":
+            raise ValueError(f"model.generator_init holds a full UNet; it needs model.memory_mode=full, got {m.memory_mode}")
+        init = generator_init_checkpoint(m.generator_init)
     prompts_path, real_path = d.prompts, d.real
     if m.tiny:
         from ..models.sdxl_tiny import write_tiny_sdxl
@@ -234,6 +270,8 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     frozen = DTYPES[m.frozen_dtype]
     nets = build_networks(parts.unet, parts.schedule, parts.prediction_type, m.memory_mode, m.lora_rank, m.lora_alpha,
                           m.lora_targets, frozen).to(device)
+    if init is not None:
+        load_generator_init(nets.generator, init)
     for module, dtype in ((parts.text_encoder, frozen), (parts.text_encoder_2, frozen), (parts.vae, DTYPES[m.vae_dtype])):
         module.to(device) if next(module.parameters()).dtype == dtype else module.to(device, dtype)
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2)
@@ -289,6 +327,7 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     return Components(generator=nets.generator, fake_score=nets.fake_score, teacher=teacher, schedule=parts.schedule,
                       sampler=sampler, latents=latents, real_data=real_data, gan_head=head,
                       gan_layers=["gan_tap"] if head is not None else [], sample_fn=sample_fn,
+                      sample_rows=[p if len(p) <= 40 else p[:39] + "~" for p in sample_prompts],  # one row per prompt
                       fsdp_units=_unet_blocks if m.memory_mode == "full" else None)
 
 
@@ -400,17 +439,31 @@ PRESETS = {
         "model.guidance_scale": 8.0, "train.max_steps": 4, "train.batch_size": 2, "train.lr_generator": 1e-3,
         "train.lr_critic": 1e-3, "train.checkpoint_every": 4, "train.log_every": 2, "train.ema_decay": 0.9,
         "train.sample_every": 4,
-        "train.device": "cpu", "train.progress": False, "train.grad_checkpointing": True, "critic.ratio": 2,
+        "train.device": "cpu", "train.grad_checkpointing": True, "critic.ratio": 2,
         "sampler.steps": 2, "objective.gan_generator_weight": 5e-3, "objective.gan_discriminator_weight": 1e-2,
     },
 }
 
+# the 1-step warm start's commands (ode-pairs, ode-pretrain): the official regression, and a CPU run of it
+PRESETS["ode-paper"] = ODE_PRESETS["paper"]
+PRESETS["ode-tiny"] = {**PRESETS["tiny"], **ODE_PRESETS["tiny"]}
+
 #: defaults = the paper's hyperparameters (single process; ``--preset paper`` adds FSDP2 for torchrun)
 DEFAULT_CONFIG = apply_overrides(SDXLConfig(), _PAPER)
 
-RECIPE = Recipe(name="sdxl", config=DEFAULT_CONFIG, build=build, presets=PRESETS,
+def next_steps(cfg: SDXLConfig, ckpt: Path) -> list[str]:
+    """The summary's commands: a sample grid, the diffusers export, its COCO evaluation."""
+    out = Path(cfg.train.out)
+    return [f"python -m dmd2.recipes.sdxl sample {ckpt} {out / 'sample.png'}",
+            f"python -m dmd2.recipes.sdxl export {ckpt} {out / 'exported'}   # a diffusers pipeline + README.md",
+            f"python -m dmd2.recipes.sdxl eval {out / 'exported'} eval.captions=... eval.images=... "
+            "eval.inception=... eval.clip_weights=..."]
+
+
+RECIPE = Recipe(name="sdxl", config=DEFAULT_CONFIG, build=build, presets=PRESETS, next_steps=next_steps,
                 commands={"export": export_command, "sample": sample_command, "memory": memory_command, "cache-latents": cache_latents_command,
-                          "eval": eval_command})
+                          "eval": eval_command, "ode-pairs": ode_pairs_command, "ode-pretrain": ode_pretrain_command},
+                flags={"--num": "ode.num"})
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process
