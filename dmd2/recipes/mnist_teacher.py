@@ -36,9 +36,11 @@ from ..data.mnist import load_mnist
 from ..models.adm import ADMConfig, build_edm_adm
 
 __all__ = ["TeacherConfig", "teacher_adm_config", "build_teacher", "load_teacher", "train_teacher",
-           "heun_sampler", "evaluate_teacher", "metrics_entry", "DEFAULT_TEACHER"]
+           "evaluate_teacher", "metrics_entry", "DEFAULT_TEACHER", "IMAGE_SHAPE"]
 
 DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "mnist_teacher.safetensors"
+#: one image: MNIST padded to 32 x 32, one channel (:mod:`dmd2.data.mnist`)
+IMAGE_SHAPE = (1, 32, 32)
 
 
 def teacher_adm_config(dropout: float = 0.0) -> ADMConfig:
@@ -202,20 +204,6 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False, pro
     return info if info is not None else record(start)
 
 
-def heun_sampler(denoiser: torch.nn.Module, num_steps: int = 18, chunk: int = 500):
-    """A sampler for :func:`dmd2.eval.fid_mnist.evaluate_sampler`: EDM's Heun sampler (:func:`dmd2.eval.samplers.edm_heun`)
-    with ``num_steps`` steps (``2 num_steps - 1`` NFE; 1 step = one call ``D(80 z; 80, y)``) from unit noise
-    ``z ~ N(0, I)`` of shape ``(N, 1, 32, 32)`` drawn from ``torch.Generator().manual_seed(seed)``, in chunks of ``chunk``."""
-    from ..eval.samplers import edm_heun
-
-    def sample(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        z = torch.randn((labels.shape[0], 1, 32, 32), generator=torch.Generator().manual_seed(seed))
-        return torch.cat([edm_heun(denoiser, z[i:i + chunk], labels[i:i + chunk], num_steps=num_steps)
-                          for i in range(0, labels.shape[0], chunk)])
-
-    return sample
-
-
 def metrics_entry(ev, nfe: int, seconds: float, weights: str) -> dict:
     """One row of ``metrics.json`` from a :class:`~dmd2.eval.fid_mnist.MNISTEvaluation`: means, stds, per-seed values."""
     return {"fid": ev.fid_mean, "fid_std": ev.fid_std, "kid": ev.kid_mean, "kid_std": ev.kid_std,
@@ -229,14 +217,14 @@ def evaluate_teacher(path: str | Path, n_per_class: int = 100, seeds: tuple[int,
     """``{"teacher_ode": ..., "teacher_1step": ...}``: the MNIST protocol (:mod:`dmd2.eval.fid_mnist`) on the teacher
     at ``path`` with EDM's Heun sampler at 18 steps (35 NFE) and in one step (1 NFE, ``D(80 z; 80, y)``)."""
     from ..eval.fid_mnist import evaluate_sampler
-    from ..eval.samplers import heun_nfe
+    from ..eval.samplers import heun_nfe, heun_sampler
 
     net = load_teacher(path)
     out = {}
     for key, steps in (("teacher_ode", 18), ("teacher_1step", 1)):
         t = time.perf_counter()
         with torch.no_grad():
-            ev = evaluate_sampler(heun_sampler(net, steps), seeds=seeds, n_per_class=n_per_class)
+            ev = evaluate_sampler(heun_sampler(net, IMAGE_SHAPE, steps), seeds=seeds, n_per_class=n_per_class)
         out[key] = metrics_entry(ev, heun_nfe(steps), time.perf_counter() - t, "teacher EMA")
         out[key]["sampler"] = f"EDM Heun, {steps} step(s)"
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CHECKPOINT_NAMES", "checkpoint_path", "list_checkpoints", "latest_checkpoint", "resolve_resume",
+__all__ = ["CHECKPOINT_NAMES", "checkpoint_path", "is_complete", "list_checkpoints", "latest_checkpoint", "resolve_resume",
            "write_checkpoint", "read_checkpoint"]
 
 #: the weight files a checkpoint may hold (``gan_head`` / ``ema`` only when the run has them)
@@ -30,7 +30,10 @@ def checkpoint_path(out: str | Path, step: int) -> Path:
     return Path(out) / "checkpoints" / f"checkpoint-{step:08d}"
 
 
-def _complete(path: Path) -> bool:
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a complete checkpoint folder (the one completeness rule: resume, listing and loading
+    all ask this)."""
+    path = Path(path)
     return path.is_dir() and (path / "state.pt").is_file() and (path / "generator.safetensors").is_file()
 
 
@@ -42,7 +45,7 @@ def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = _PATTERN.match(p.name)
-        if m and _complete(p):
+        if m and is_complete(p):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -60,7 +63,7 @@ def resolve_resume(out: str | Path, resume: str) -> Path | None:
     if resume == "auto":
         return latest_checkpoint(out)
     p = Path(resume)
-    if not _complete(p):
+    if not is_complete(p):
         raise ValueError(f"--resume {resume}: expected a complete checkpoint folder holding state.pt and "
                          f"generator.safetensors (e.g. OUT/checkpoints/checkpoint-00000200)")
     return p
@@ -118,7 +121,7 @@ def write_checkpoint(out: str | Path, step: int, weights: dict[str, dict[str, to
 def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
     """``(weights, state, config)`` of a checkpoint folder; ``state.pt`` is read with ``weights_only=True``."""
     path = Path(path)
-    if not _complete(path):
+    if not is_complete(path):
         raise ValueError(f"{path}: not a complete checkpoint (expected state.pt and generator.safetensors)")
     weights = {n: load_file(str(path / f"{n}.safetensors")) for n in CHECKPOINT_NAMES if (path / f"{n}.safetensors").is_file()}
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)

@@ -12,13 +12,24 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from .config import RecipeConfig, apply_overrides, config_to_json
 
-__all__ = ["Recipe", "main", "resolve_config", "run_training"]
+__all__ = ["Recipe", "TrainResult", "main", "resolve_config", "run_training"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``train`` did: ``checkpoint`` (the last one written, on rank 0), ``step`` (iterations done) and
+    ``completed`` (``train.max_steps`` reached; False when a signal stopped the run early)."""
+
+    checkpoint: Path | None
+    step: int
+    completed: bool
 
 
 @dataclass
@@ -33,6 +44,12 @@ class Recipe:
         presets: name -> overrides (a ``{"a.b": value}`` dict or a list of ``"a.b=value"`` strings); every recipe
             has ``tiny``.
         commands: extra sub-commands, name -> ``fn(cfg, args) -> exit code`` (``args``: the positional arguments).
+        generator: ``generator(cfg, state_dict) -> Student`` (:class:`~dmd2.train.loading.Student`): the run's
+            generator network with ``state_dict`` (its plain weights) loaded, wrapped with the run's sampler; what
+            :func:`~dmd2.train.loading.load_generator` calls.
+        after_train: ``after_train(cfg, result: TrainResult)``, run on rank 0 after ``train`` returns, only when
+            the run completed (``result.completed``: not stopped by SIGTERM; SIGINT raises and skips it).
+        module: the recipe's module name, recorded in the run's ``config.json`` (default: where ``build`` lives).
     """
 
     name: str
@@ -40,6 +57,22 @@ class Recipe:
     build: Callable
     presets: Mapping[str, Any] = field(default_factory=dict)
     commands: Mapping[str, Callable[[RecipeConfig, list[str]], int]] = field(default_factory=dict)
+    generator: Callable | None = None
+    after_train: Callable[[RecipeConfig, TrainResult], None] | None = None
+    module: str = ""
+
+    def __post_init__(self):
+        if not self.module:
+            self.module = _module_name(self.build)
+
+
+def _module_name(fn: Callable) -> str:
+    """The importable module of ``fn`` (``python -m pkg.mod`` runs it as ``__main__``: then ``pkg.mod``)."""
+    name = getattr(fn, "__module__", "") or ""
+    if name == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = spec.name if spec is not None else ""
+    return name
 
 
 def _parser(recipe: Recipe) -> argparse.ArgumentParser:
@@ -78,7 +111,8 @@ def resolve_config(recipe: Recipe, preset: str | None = None, overrides: Sequenc
 
 
 def run_training(recipe: Recipe, cfg: RecipeConfig) -> int:
-    """``train``: join the torchrun job if any, build the components, train (resuming per ``train.resume``)."""
+    """``train``: join the torchrun job if any, build the components, train (resuming per ``train.resume``), then
+    :attr:`Recipe.after_train` on rank 0 when the run completed."""
     import torch.distributed as dist
 
     from .checkpoint import resolve_resume
@@ -89,12 +123,15 @@ def run_training(recipe: Recipe, cfg: RecipeConfig) -> int:
     try:
         torch.manual_seed(cfg.train.seed)
         components = recipe.build(cfg, info)
-        trainer = Trainer(cfg, components, info, cfg.train.out)
+        trainer = Trainer(cfg, components, info, cfg.train.out, recipe=recipe.module)
         resume = resolve_resume(cfg.train.out, cfg.train.resume)
-        trainer.train(resume)
+        last = trainer.train(resume)
+        result = TrainResult(last, trainer.step, trainer.step >= cfg.train.max_steps)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if recipe.after_train is not None and info.is_main and result.completed:
+        recipe.after_train(cfg, result)
     return 0
 
 

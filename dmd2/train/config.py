@@ -283,16 +283,24 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_to_json(cfg) -> str:
-    return json.dumps(config_to_dict(cfg), indent=2, sort_keys=False)
+#: the top-level key of a run's ``config.json`` naming the module of the recipe that wrote it (not a config field)
+RECIPE_KEY = "recipe"
+
+
+def config_to_json(cfg, recipe: str = "") -> str:
+    """The config as JSON; ``recipe`` (a module name such as ``dmd2.recipes.mnist``), when given, is recorded first
+    under :data:`RECIPE_KEY` so that :func:`dmd2.train.load_generator` can find the run's builder."""
+    return json.dumps({**({RECIPE_KEY: recipe} if recipe else {}), **config_to_dict(cfg)}, indent=2, sort_keys=False)
 
 
 def config_from_dict(cls_or_cfg, data: Mapping[str, Any]):
     """Rebuild a config from :func:`config_to_dict` output; ``cls_or_cfg`` is the root class or a default instance.
 
-    Keys absent from ``data`` keep their defaults; unknown keys raise ``ValueError``.
+    Keys absent from ``data`` keep their defaults; unknown keys raise ``ValueError``; a top-level
+    :data:`RECIPE_KEY` (written by :func:`config_to_json`) is not a field and is skipped.
     """
     base = cls_or_cfg() if isinstance(cls_or_cfg, type) else cls_or_cfg
+    data = {k: v for k, v in data.items() if k != RECIPE_KEY}
 
     def flat(d, prefix=""):
         for k, v in d.items():

@@ -150,10 +150,12 @@ class Trainer:
         components: what the recipe built.
         info: from :func:`~dmd2.train.distributed.init_distributed`.
         out: the run folder (checkpoints, logs, samples); defaults to ``cfg.train.out``.
+        recipe: the recipe's module name, recorded in every ``config.json`` (:func:`dmd2.train.load_generator`).
     """
 
-    def __init__(self, cfg: RecipeConfig, components: Components, info: DistInfo | None = None, out: str | Path | None = None):
-        self.cfg, self.c = cfg, components
+    def __init__(self, cfg: RecipeConfig, components: Components, info: DistInfo | None = None, out: str | Path | None = None,
+                 recipe: str = ""):
+        self.cfg, self.c, self.recipe = cfg, components, recipe
         self.info = info or DistInfo()
         t = cfg.train
         self.out = Path(out or t.out or "runs/dmd2")
@@ -167,9 +169,9 @@ class Trainer:
         self.accum = t.grad_accum
 
         gen, fake, head = components.generator, components.fake_score, components.gan_head
-        gen_names = [n for n, p in gen.named_parameters() if p.requires_grad]
-        critic_names = [[n for n, p in m.named_parameters() if p.requires_grad] for m in (fake, head) if m is not None]
-        if not gen_names or not critic_names[0]:
+        self.gen_trainable = Trainable([gen])  # the trainable names, taken before wrapping
+        self.critic_trainable = Trainable([fake, head])
+        if not self.gen_trainable.names[0] or not self.critic_trainable.names[0]:
             raise ValueError("Components: the generator and the fake score need trainable parameters (requires_grad=True)")
         if t.grad_checkpointing:
             _enable_grad_checkpointing(gen, components.checkpoint_units)
@@ -183,10 +185,6 @@ class Trainer:
             teacher = shard_frozen(teacher, self.info, components.fsdp_units)
         self.teacher = teacher
         self.critic_modules = nn.ModuleDict({"fake_score": fake, **({"gan_head": head} if head is not None else {})})
-        self.gen_trainable = Trainable([gen])
-        self.gen_trainable.names = [gen_names]
-        self.critic_trainable = Trainable([fake, head])
-        self.critic_trainable.names = critic_names
 
         ddp = self.info.mode == "ddp"
         layers = list(components.gan_layers)
@@ -211,7 +209,6 @@ class Trainer:
         self._acc: dict[str, torch.Tensor] = {}
         self._cnt: dict[str, int] = {}
         self._bad: dict[str, torch.Tensor] = {}
-        self._last_norms: dict[str, torch.Tensor] = {}
         self._stop_signal = False
         self._window_start = time.perf_counter()
         self._window_steps = 0
@@ -456,8 +453,6 @@ class Trainer:
             "optimizers": {"generator": self._optim_sd(self.gen, self.opt_gen),
                            "critic": self._optim_sd(self.critic_modules, self.opt_critic)},
             "critic_scheduler": self.scheduler.state_dict(),
-            "lr_schedule": {"kind": "constant_with_warmup", "warmup_steps": self.cfg.train.warmup_steps,
-                            "lr_generator": self.cfg.train.lr_generator, "lr_critic": self.cfg.train.lr_critic},
             "rng": {"keys": list(rng), "sizes": [v.numel() for v in rng.values()], "per_rank": rng_rows},
             "log": {"names": names, "acc": self._gather_rows(acc), "cnt": [self._cnt[n] for n in names],
                     "window_steps": self._window_steps},
@@ -470,7 +465,7 @@ class Trainer:
         weights, state = self.state_dict()
         path = None
         if self.info.is_main:
-            path = ckpt.write_checkpoint(self.out, self.step, weights, state, config_to_json(self.cfg),
+            path = ckpt.write_checkpoint(self.out, self.step, weights, state, config_to_json(self.cfg, self.recipe),
                                          keep_last=self.cfg.train.keep_last)
         if self.info.distributed:
             dist.barrier()
@@ -547,7 +542,7 @@ class Trainer:
             self.load(resume)
         self.monitor = RunMonitor(self.out, self.info.is_main, self.step, t.max_steps, progress=t.progress)
         if self.info.is_main:
-            (self.out / "config.json").write_text(config_to_json(self.cfg))
+            (self.out / "config.json").write_text(config_to_json(self.cfg, self.recipe))
             if resume is not None:
                 self.monitor.write(f"resumed from {resume} at iteration {self.step}")
         old = None

@@ -69,7 +69,7 @@ def test_missing_real_data_and_prompts(tiny_out, tmp_path):
 
 
 def test_resolve_checkpoint_newest_of_a_run(sdxl_tiny_runs):
-    from dmd2.recipes.sdxl_export import resolve_checkpoint
+    from dmd2.train import resolve_checkpoint
 
     run = sdxl_tiny_runs("shared-base")
     assert resolve_checkpoint(run) == run / "checkpoints" / "checkpoint-00000004"
