@@ -14,7 +14,10 @@ A recipe is a preset table plus a builder::
                           real_data=lambda step, shard, batch, device: (images, cond),
                           gan_head=GANHead([...]), gan_layers=["mid_block"], sample_fn=...)
 
-    RECIPE = Recipe("mine", MyConfig(), build, presets={"tiny": {"train.max_steps": 4, ...}})
+    def student(cfg, state_dict) -> Student:  # for load_generator: the generator network, loaded, and its sampler
+        ...
+
+    RECIPE = Recipe("mine", MyConfig(), build, presets={"tiny": {"train.max_steps": 4, ...}}, generator=student)
     if __name__ == "__main__":
         sys.exit(main(RECIPE))
 
