@@ -127,7 +127,8 @@ class GANConfig:
 @dataclass(frozen=True)
 class InitConfig:
     """``checkpoint``: start the generator, fake score (and GAN head, when both have one) from another run's
-    checkpoint folder (or run folder: its newest checkpoint) instead of the teacher (a fresh run: optimizers and step start anew)."""
+    checkpoint folder (or run folder: its newest checkpoint) instead of the teacher (a fresh run: optimizers and step
+    start anew)."""
 
     checkpoint: str = ""
 

@@ -9,8 +9,9 @@ r"""The MNIST teacher: a small class-conditional ADM with EDM preconditioning, t
 on the TRAIN split of :mod:`dmd2.data.mnist` only, with Adam, a linear learning-rate warm-up and an EMA of the
 weights (what ships), by the library's denoiser loop (:func:`dmd2.train.denoiser.train_denoiser`). Everything random
 comes from ``seed``: the initialisation (``torch.manual_seed``) and one ``torch.Generator`` for the batch indices,
-the noise levels and the noise, so a run is reproducible on CPU with the same thread count. The network is deliberately small (:func:`teacher_adm_config`, ~0.33M parameters) so that it
-trains, and later distils, on two CPU cores.
+the noise levels and the noise, so a run is reproducible on CPU with the same thread count. The network is
+deliberately small (:func:`teacher_adm_config`, ~0.33M parameters) so that it trains, and later distils, on two CPU
+cores.
 
 Run as ``python -m dmd2.recipes.mnist teacher [--out DIR] [teacher.iters=N ...]`` (or this module directly,
 ``python -m dmd2.recipes.mnist_teacher --out DIR``). ``DIR`` receives ``teacher.safetensors`` (EMA weights),
