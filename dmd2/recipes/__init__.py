@@ -10,5 +10,6 @@ training loop of their own). Each gives :class:`~dmd2.train.Recipe` its ``build`
   plan per mode.
 * ``tiny``: a CPU-sized recipe with an analytic Gaussian-mixture teacher (no download), used by the tests and as the
   template for new recipes.
-* ``toy2d``: a hand-written loop around :class:`~dmd2.core.DMD2` on a 2-D mixture (the end-to-end proof).
+* ``toy2d``: a hand-written loop around :class:`~dmd2.core.DMD2` on a 2-D mixture (the end-to-end proof; the same
+  command line, its own ``train`` command).
 """
