@@ -46,7 +46,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     latest = latest_checkpoint(p)
     if latest is not None:
         return latest
-    raise ValueError(f"{p}: not a checkpoint folder (a complete RUN/checkpoints/checkpoint-XXXXXXXX, holding state.pt "
+    raise ValueError(f"{p}: neither a complete checkpoint folder (RUN/checkpoints/checkpoint-XXXXXXXX holding state.pt "
                      f"and generator.safetensors) nor a run folder holding one")
 
 

@@ -124,7 +124,7 @@ def test_resolve_checkpoint(tmp_path):
     shutil.copytree(ckpt.checkpoint_path(out, 8), tmp)
     assert resolve_checkpoint(out) == ckpt.checkpoint_path(out, 8)
     for bad in (out / "checkpoints", tmp_path):
-        with pytest.raises(ValueError, match="not a checkpoint folder"):
+        with pytest.raises(ValueError, match="neither a complete checkpoint folder"):
             resolve_checkpoint(bad)
 
 
