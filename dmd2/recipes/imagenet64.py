@@ -23,16 +23,15 @@ Command line (``dmd2.train`` grammar)::
     torchrun --nproc_per_node 7 -m dmd2.recipes.imagenet64 teacher.path=edm-imagenet-64x64-cond-adm.safetensors \
         data.path=imagenet-64x64.zip train.distributed=ddp --out runs/imagenet64
     python -m dmd2.recipes.imagenet64 --preset tiny          # CPU, seconds, no files needed
-    python -m dmd2.recipes.imagenet64 sample CKPT [OUT.png]  # a grid of 64 images from a checkpoint
+    python -m dmd2.recipes.imagenet64 sample RUN_OR_CKPT [OUT.png]  # a grid of 64 images from a checkpoint
 
-For users: :func:`load_generator` ``(checkpoint) -> ImageNet64Generator``, ``gen(noise, labels) -> images``.
+For users: ``dmd2.train.load_generator(RUN_OR_CKPT) -> Student`` (:func:`student` builds it),
+``gen(noise (B, 3, 64, 64), labels (B,)) -> images`` in [-1, 1].
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,13 +42,13 @@ from torch.utils.data import Dataset
 
 from ..core import BackwardSimulationSampler, EDMSchedule
 from ..models.adm import ADMConfig, UNetBlock, bottleneck_name, build_edm_adm
-from ..train import Components, Recipe, RecipeConfig, main
-from ..train.config import apply_overrides, config_from_dict, gan_head
+from ..train import Components, Recipe, RecipeConfig, Student, main
+from ..train.config import apply_overrides, gan_head
 from ..train.data import IndexedBatches
 
 __all__ = [
     "ModelConfig", "TeacherConfig", "DataConfig", "InitConfig", "ImageNet64Config",
-    "SyntheticImages", "ImageNet64Generator", "student_grid", "build", "load_generator", "PRESETS", "RECIPE",
+    "SyntheticImages", "student_grid", "build", "student", "PRESETS", "RECIPE",
 ]
 
 
@@ -145,7 +144,8 @@ class InitConfig:
 
     Attributes:
         checkpoint: start the generator, fake score (and GAN head, when both have one) from another run's
-            checkpoint folder instead of the teacher (a fresh run: optimizers and step start anew).
+            checkpoint folder (or run folder: its newest checkpoint) instead of the teacher (a fresh run: optimizers
+            and step start anew).
     """
 
     checkpoint: str = ""
@@ -238,7 +238,9 @@ def _blocks(denoiser: nn.Module) -> list[nn.Module]:
 def _load_init(cfg: ImageNet64Config, gen: nn.Module, fake: nn.Module, head: nn.Module | None) -> None:
     from safetensors.torch import load_file
 
-    path = Path(cfg.init.checkpoint)
+    from ..train import resolve_checkpoint
+
+    path = resolve_checkpoint(cfg.init.checkpoint)
     for name, module in (("generator", gen), ("fake_score", fake), ("gan_head", head)):
         f = path / f"{name}.safetensors"
         if module is None:
@@ -288,94 +290,31 @@ def build(cfg: ImageNet64Config, info=None) -> Components:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-class ImageNet64Generator(nn.Module):
-    r"""A trained student as an image generator: ``forward(noise (B, C, R, R) unit Gaussian, labels (B,) long,
-    generator=None) -> images (B, C, R, R)`` in [-1, 1] (not clipped).
-
-    1 step: ``G(sigma_1 z, sigma_1, c)`` with ``sigma_1 = 80``; ``N`` steps re-noise the x0 estimate to the next sigma
-    with fresh noise from ``generator`` (:class:`~dmd2.core.BackwardSimulationSampler`). Attributes ``denoiser``,
-    ``timesteps``, ``num_steps``, ``num_classes``, ``shape``.
-    """
-
-    def __init__(self, denoiser: nn.Module, timesteps: list[float], sigma_data: float):
-        super().__init__()
-        self.denoiser = denoiser
-        self.schedule = EDMSchedule(sigma_data=sigma_data)
-        self.sampler = BackwardSimulationSampler(self.schedule, timesteps)
-        cfg = denoiser.model.config
-        self.num_classes, self.shape = cfg.label_dim, (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
-
-    @property
-    def timesteps(self) -> list[float]:
-        return list(self.sampler.timesteps)
-
-    @property
-    def num_steps(self) -> int:
-        return self.sampler.num_steps
-
-    def forward(self, noise: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if noise.dim() != 4 or tuple(noise.shape[1:]) != self.shape:
-            raise ValueError(f"ImageNet64Generator: noise must be (B, {', '.join(map(str, self.shape))}), got "
-                             f"{tuple(noise.shape)}")
-        return self.sampler.sample(self.denoiser, noise, labels, generator=generator)
-
-
-def _checkpoint_dir(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
-    from ..train.checkpoint import latest_checkpoint
-
-    p = Path(path)
-    if (p / "generator.safetensors").is_file() and (p / "config.json").is_file():
-        return p
-    if (p / "checkpoints").is_dir():
-        latest = latest_checkpoint(p)
-        if latest is not None:
-            return latest
-    raise FileNotFoundError(f"{p}: not a checkpoint folder (expected generator.safetensors and config.json, e.g. "
-                            f"RUN/checkpoints/checkpoint-00200000) nor a run folder holding one")
-
-
-def load_generator(ckpt: str | os.PathLike, weights: str = "generator", device: torch.device | str = "cpu",
-                   steps: int | None = None) -> ImageNet64Generator:
-    """The student of an imagenet64 checkpoint (folder, or a run folder -> its newest checkpoint), in eval mode.
-
-    Args:
-        weights: ``"generator"`` (the trained weights) or ``"ema"`` (their EMA, when the run kept one).
-        steps: sampling steps (default: the run's ``sampler.steps``; the grid is then :func:`student_grid`).
-    """
-    from safetensors.torch import load_file
-
+def student(cfg: ImageNet64Config, state_dict: dict[str, torch.Tensor]) -> Student:
+    """The trained student of a run with config ``cfg`` (:attr:`Recipe.generator <dmd2.train.Recipe>`): the ADM
+    network built on the meta device, ``state_dict`` checked (names and shapes) and assigned, on the run's grid
+    (:func:`student_grid`; 1 step: ``G(80 z; 80, c)``)."""
     from ..models.edm_pickle import check_state_dict_matches
 
-    if weights not in ("generator", "ema"):
-        raise ValueError(f"weights must be 'generator' or 'ema', got {weights!r}")
-    path = _checkpoint_dir(ckpt)
-    cfg = config_from_dict(ImageNet64Config(), json.loads((path / "config.json").read_text()))
-    f = path / f"{weights}.safetensors"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} not found" + (" (the run kept no EMA: train.ema_decay=none)" if weights == "ema" else ""))
-    sd = load_file(str(f))
-    if weights == "ema":
-        sd = {k.removeprefix("buffer::"): v for k, v in sd.items()}
-    net = build_edm_adm(dataclasses.replace(cfg.model, dropout=0.0).adm(), sigma_data=cfg.model.sigma_data,
-                        device="meta")
-    check_state_dict_matches(net, sd)
-    net.load_state_dict(sd, strict=True, assign=True)
-    schedule = EDMSchedule(sigma_data=cfg.model.sigma_data)
-    sampler_cfg = cfg.sampler if steps is None else apply_overrides(cfg, {"sampler.steps": steps,
-                                                                         "sampler.timesteps": None}).sampler
-    grid = sampler_cfg.grid(lambda n: student_grid(n, schedule))
-    return ImageNet64Generator(net, grid, cfg.model.sigma_data).to(device).eval().requires_grad_(False)
+    m = cfg.model
+    net = build_edm_adm(dataclasses.replace(m, dropout=0.0).adm(), sigma_data=m.sigma_data, device="meta")
+    check_state_dict_matches(net, state_dict)
+    net.load_state_dict(state_dict, strict=True, assign=True)
+    schedule = EDMSchedule(sigma_data=m.sigma_data)
+    sampler = BackwardSimulationSampler(schedule, cfg.sampler.grid(lambda n: student_grid(n, schedule)))
+    return Student(net, sampler, m.shape, m.label_dim)
 
 
 def sample_command(cfg: ImageNet64Config, args: list[str]) -> int:
-    """``sample CKPT [OUT.png]``: 64 images (classes spread over the label range, seeds 0..63) as a PNG grid."""
+    """``sample RUN_OR_CKPT [OUT.png]``: 64 images (classes spread over the label range, seeds 0..63) as a PNG grid,
+    from the EMA weights (the generator's when the run kept no EMA); default PNG ``CKPT/samples.png``."""
+    from ..train import load_generator
     from ..train.monitor import save_png
 
     if not 1 <= len(args) <= 2:
-        raise ValueError("usage: python -m dmd2.recipes.imagenet64 sample CKPT [OUT.png]")
+        raise ValueError("usage: python -m dmd2.recipes.imagenet64 sample RUN_OR_CKPT [OUT.png]")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gen = load_generator(args[0], device=device)
+    gen = load_generator(args[0], device=device, recipe=RECIPE)
     n = 64
     from ..eval.fid import sample_seeds_noise
 
@@ -383,7 +322,7 @@ def sample_command(cfg: ImageNet64Config, args: list[str]) -> int:
     labels = (torch.arange(n, device=device) * max(1, gen.num_classes // n)) % gen.num_classes
     with torch.no_grad():
         imgs = gen(noise, labels, generator=torch.Generator(device=device).manual_seed(0))
-    out = save_png(imgs, args[1] if len(args) > 1 else _checkpoint_dir(args[0]) / "samples.png", nrow=8)
+    out = save_png(imgs, args[1] if len(args) > 1 else gen.checkpoint / "samples.png", nrow=8)
     print(out)
     return 0
 
@@ -423,7 +362,7 @@ def next_steps(cfg: ImageNet64Config, ckpt: Path) -> list[str]:
 
 
 RECIPE = Recipe(name="imagenet64", config=apply_overrides(ImageNet64Config(), PAPER), build=build, presets=PRESETS,
-                commands={"sample": sample_command}, next_steps=next_steps)
+                commands={"sample": sample_command}, next_steps=next_steps, generator=student)
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process

@@ -5,8 +5,8 @@ Presets + builders on :mod:`dmd2.train` (no loop of its own)::
     python -m dmd2.recipes.sdxl --preset paper data.real=latents/ data.real_kind=latents ...   # 4-step, prompts = real captions
     python -m dmd2.recipes.sdxl --preset single-gpu ...          # shared-base: one SDXL copy, fits one 80 GB GPU
     python -m dmd2.recipes.sdxl --preset tiny --out runs/tiny     # CPU, no download (tiny SDXL-shaped components)
-    python -m dmd2.recipes.sdxl export CKPT OUT                   # diffusers StableDiffusionXLPipeline folder
-    python -m dmd2.recipes.sdxl sample CKPT OUT.png ["a prompt" ...]   # a sample grid from a checkpoint
+    python -m dmd2.recipes.sdxl export RUN_OR_CKPT OUT            # diffusers StableDiffusionXLPipeline folder
+    python -m dmd2.recipes.sdxl sample RUN_OR_CKPT OUT.png ["a prompt" ...]   # a sample grid from a checkpoint
     python -m dmd2.recipes.sdxl memory                            # memory plan per mode (meta-device SDXL UNet)
     python -m dmd2.recipes.sdxl cache-latents OUT_DIR             # VAE latents of data.real, for data.real_kind=latents
     python -m dmd2.recipes.sdxl ode-pairs PAIRS --num 10000 --preset ode-paper   # the 1-step warm start
@@ -32,16 +32,15 @@ from pathlib import Path
 import torch
 
 from ..core import BackwardSimulationSampler, CFGDenoiser
-from ..models.sdxl import DEFAULT_LORA_TARGETS, MEMORY_MODES, PromptEncoder, build_networks, load_sdxl
-from ..train import Components, IndexedBatches, Recipe, RecipeConfig, apply_overrides, derive_seed, main
+from ..models.sdxl import DEFAULT_LORA_TARGETS, DTYPES, MEMORY_MODES, PromptEncoder, build_networks, load_sdxl
+from ..train import Components, IndexedBatches, Recipe, RecipeConfig, Student, apply_overrides, derive_seed, main
 from ..train.config import gan_enabled, gan_head
 from .sdxl_ode import (ODE_PRESETS, SDXLODEConfig, generator_init_checkpoint, load_generator_init, ode_pairs_command,
                        ode_pretrain_command)
 
 __all__ = ["SDXLModelConfig", "SDXLDataConfig", "SDXLExportConfig", "SDXLEvalConfig", "SDXLConfig", "grid", "build",
-           "base_path", "PRESETS", "RECIPE", "DTYPES"]
+           "base_path", "student_unet", "load_student_unet", "student", "PRESETS", "RECIPE", "DTYPES"]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -347,30 +346,97 @@ def build(cfg: SDXLConfig, info=None) -> Components:
                       fsdp_units=_unet_blocks if m.memory_mode == "full" else None)
 
 
+# ------------------------------------------------------------------------------------------------ trained students
+def student_unet(cfg: SDXLConfig, state_dict: dict[str, torch.Tensor], fuse: bool = True):
+    """``(unet, parts)``: the base UNet of the run ``cfg`` with the generator's plain ``state_dict`` applied.
+
+    ``full``: the UNet's weights are replaced. LoRA modes: a ``generator`` adapter (the run's rank, alpha and targets)
+    is added and loaded; ``fuse`` merges it into the base weights and removes the adapter layers.
+    """
+    from ..models.sdxl import AdapterSwitch, adapter_weights_from_checkpoint, add_lora
+
+    m = cfg.model
+    parts = load_sdxl(base_path(cfg), torch.float32, m.local_files_only)
+    unet = parts.unet
+    if m.memory_mode == "full":
+        prefix = "unet_module."
+        state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        missing, unexpected = unet.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"generator weights do not match the base UNet (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    else:
+        names = add_lora(unet, "generator", m.lora_rank, m.lora_alpha, m.lora_targets)
+        lora = adapter_weights_from_checkpoint(state_dict)
+        if set(lora) != set(names):
+            raise ValueError(f"LoRA weights do not match the run's adapter (differing: {sorted(set(lora) ^ set(names))[:3]})")
+        params = dict(unet.named_parameters())
+        with torch.no_grad():
+            for n, v in lora.items():
+                params[n].copy_(v)
+        AdapterSwitch(unet).set("generator")
+        if fuse:
+            unet.fuse_lora(adapter_names=["generator"])
+            unet.unload_lora()
+    unet.requires_grad_(False)
+    return unet, parts
+
+
+def load_student_unet(path, weights: str = "ema", fuse: bool = True):
+    """``(unet, cfg, parts, which)`` of a run or checkpoint folder (:func:`student_unet`; ``which``: the weights read,
+    see :func:`dmd2.train.generator_state_dict`)."""
+    from ..train import generator_state_dict, load_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    _, cfg = load_config(ckpt, RECIPE)
+    sd, which = generator_state_dict(ckpt, weights)
+    unet, parts = student_unet(cfg, sd, fuse=fuse)
+    return unet, cfg, parts, which
+
+
+def _latent_shape(cfg: SDXLConfig, parts) -> tuple[int, int, int]:
+    res, scale = cfg.model.resolution, 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    return (parts.unet.config.in_channels, res // scale, res // scale)
+
+
+def student(cfg: SDXLConfig, state_dict: dict[str, torch.Tensor]) -> Student:
+    """The trained student (:attr:`Recipe.generator <dmd2.train.Recipe>`): the fused student UNet as a denoiser on
+    the run's grid, ``G(noise (B, 4, R/8, R/8), cond) -> latents``; ``cond``: :meth:`PromptEncoder.cond
+    <dmd2.models.sdxl.PromptEncoder.cond>` of the prompts (decode with the VAE, or export a pipeline)."""
+    from ..models.sdxl import SDXLDenoiser
+
+    unet, parts = student_unet(cfg, state_dict, fuse=True)
+    G = SDXLDenoiser(unet, parts.schedule, parts.prediction_type, gan_layer=None)
+    return Student(G, BackwardSimulationSampler(parts.schedule, cfg.sampler.grid(grid)), _latent_shape(cfg, parts))
+
+
 # ------------------------------------------------------------------------------------------------ commands
 def export_command(cfg: SDXLConfig, args: list[str]) -> int:
-    """``export CKPT OUT``: a diffusers StableDiffusionXLPipeline folder (see :mod:`dmd2.recipes.sdxl_export`)."""
+    """``export RUN_OR_CKPT OUT``: a diffusers StableDiffusionXLPipeline folder (:mod:`dmd2.recipes.sdxl_export`)."""
     from .sdxl_export import export_pipeline
 
     if len(args) != 2:
-        raise ValueError("usage: python -m dmd2.recipes.sdxl export CKPT OUT (CKPT: a checkpoint or run folder)")
-    out = export_pipeline(args[0], args[1], weights=cfg.export.weights, lora_format=cfg.export.lora_format,
-                          dtype=cfg.export.dtype)
+        raise ValueError("usage: python -m dmd2.recipes.sdxl export RUN_OR_CKPT OUT (a run or checkpoint folder)")
+    from ..train import resolve_checkpoint
+
+    e = cfg.export
+    ckpt = resolve_checkpoint(args[0])
+    unet, run_cfg, parts, which = load_student_unet(ckpt, e.weights, fuse=e.lora_format == "fused")
+    out = export_pipeline(unet, parts, run_cfg, run_cfg.sampler.grid(grid), ckpt, args[1], weights=which,
+                          lora_format=e.lora_format, dtype=e.dtype,
+                          base_model=str(run_cfg.model.path or base_path(run_cfg)))
     print(out)
     return 0
 
 
 def sample_command(cfg: SDXLConfig, args: list[str]) -> int:
-    """``sample CKPT OUT.png [PROMPT ...]``: a grid from a checkpoint's generator (EMA when present) through our
-    sampler on the run's grid; prompts default to four of the run's prompt file. Seed: ``train.seed``."""
-    from ..core import BackwardSimulationSampler
-    from ..models.sdxl import PromptEncoder, SDXLDenoiser
+    """``sample RUN_OR_CKPT OUT.png [PROMPT ...]``: a grid from a checkpoint's generator (EMA when present) through
+    our sampler on the run's grid; prompts default to four of the run's prompt file. Seed: ``train.seed``."""
+    from ..models.sdxl import SDXLDenoiser
     from ..train.monitor import save_png
-    from .sdxl_export import load_student_unet
 
     if len(args) < 2:
-        raise ValueError("usage: python -m dmd2.recipes.sdxl sample CKPT OUT.png [PROMPT ...]")
-    unet, run_cfg, parts = load_student_unet(args[0], cfg.export.weights, fuse=True)
+        raise ValueError("usage: python -m dmd2.recipes.sdxl sample RUN_OR_CKPT OUT.png [PROMPT ...]")
+    unet, run_cfg, parts, _ = load_student_unet(args[0], cfg.export.weights, fuse=True)
     prompts = args[2:]
     if not prompts:
         from ..data.prompts import read_prompts
@@ -384,9 +450,8 @@ def sample_command(cfg: SDXLConfig, args: list[str]) -> int:
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2)
     G = SDXLDenoiser(unet, parts.schedule, parts.prediction_type, gan_layer=None)
     sampler = BackwardSimulationSampler(parts.schedule, run_cfg.sampler.grid(grid))
-    scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     g = torch.Generator(device=dev).manual_seed(cfg.train.seed)
-    noise = torch.randn((len(prompts), unet.config.in_channels, res // scale, res // scale), generator=g, device=dev)
+    noise = torch.randn((len(prompts), *_latent_shape(run_cfg, parts)), generator=g, device=dev)
     with torch.no_grad():
         x0 = sampler.sample(G, noise, encoder.cond(prompts, res, res), generator=g)
         img = parts.vae.decode(x0 / parts.vae.config.scaling_factor, return_dict=False)[0]
@@ -493,7 +558,7 @@ def next_steps(cfg: SDXLConfig, ckpt: Path) -> list[str]:
 RECIPE = Recipe(name="sdxl", config=DEFAULT_CONFIG, build=build, presets=PRESETS, next_steps=next_steps,
                 commands={"export": export_command, "sample": sample_command, "memory": memory_command, "cache-latents": cache_latents_command,
                           "eval": eval_command, "ode-pairs": ode_pairs_command, "ode-pretrain": ode_pretrain_command},
-                flags={"--num": "ode.num"})
+                flags={"--num": "ode.num"}, generator=student)
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process

@@ -335,7 +335,7 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, backbone: str = "") -
 def generator_init_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder ``model.generator_init`` names: an ``ode-pretrain`` run folder (its newest checkpoint) or a
     checkpoint folder; ``ValueError`` naming the path otherwise (checked before any model is loaded)."""
-    from .sdxl_export import resolve_checkpoint
+    from ..train import resolve_checkpoint
 
     p = Path(path)
     if not p.exists():

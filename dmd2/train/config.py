@@ -358,8 +358,14 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_to_json(cfg) -> str:
-    return json.dumps(config_to_dict(cfg), indent=2, sort_keys=False)
+#: the top-level key of a run's ``config.json`` naming the module of the recipe that wrote it (not a config field)
+RECIPE_KEY = "recipe"
+
+
+def config_to_json(cfg, recipe: str = "") -> str:
+    """The config as JSON; ``recipe`` (a module name such as ``dmd2.recipes.mnist``), when given, is recorded first
+    under :data:`RECIPE_KEY` so that :func:`dmd2.train.load_generator` can find the run's builder."""
+    return json.dumps({**({RECIPE_KEY: recipe} if recipe else {}), **config_to_dict(cfg)}, indent=2, sort_keys=False)
 
 
 #: keys of run folders written before the one ``gan`` section -> their key now (None: dropped; the tiny recipe's
@@ -370,10 +376,12 @@ LEGACY_KEYS = {"model.gan_hidden": "gan.hidden", "model.gan_depth": "gan.depth",
 def config_from_dict(cls_or_cfg, data: Mapping[str, Any]):
     """Rebuild a config from :func:`config_to_dict` output; ``cls_or_cfg`` is the root class or a default instance.
 
-    Keys absent from ``data`` keep their defaults; :data:`LEGACY_KEYS` are renamed (:func:`flatten`); other unknown
-    keys raise ``ValueError``.
+    Keys absent from ``data`` keep their defaults; :data:`LEGACY_KEYS` are renamed (:func:`flatten`); a top-level
+    :data:`RECIPE_KEY` (written by :func:`config_to_json`) is not a field and is skipped; other unknown keys raise
+    ``ValueError``.
     """
     base = cls_or_cfg() if isinstance(cls_or_cfg, type) else cls_or_cfg
+    data = {k: v for k, v in data.items() if k != RECIPE_KEY}
     return apply_overrides(base, flatten(data))
 
 
@@ -412,7 +420,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"--config {str(path)!r}: cannot parse ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"--config {str(path)!r}: expected a mapping of config keys, got {type(data).__name__}")
-    return flatten(data)
+    return flatten({k: v for k, v in data.items() if k != RECIPE_KEY})  # a saved config.json names its recipe
 
 
 # ------------------------------------------------------------------------------------------------ help text

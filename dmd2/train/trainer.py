@@ -194,10 +194,12 @@ class Trainer:
         components: what the recipe built.
         info: from :func:`~dmd2.train.distributed.init_distributed`.
         out: the run folder (checkpoints, logs, samples); defaults to ``cfg.train.out``.
+        recipe: the recipe's module name, recorded in every ``config.json`` (:func:`dmd2.train.load_generator`).
     """
 
-    def __init__(self, cfg: RecipeConfig, components: Components, info: DistInfo | None = None, out: str | Path | None = None):
-        self.cfg, self.c = cfg, components
+    def __init__(self, cfg: RecipeConfig, components: Components, info: DistInfo | None = None, out: str | Path | None = None,
+                 recipe: str = ""):
+        self.cfg, self.c, self.recipe = cfg, components, recipe
         self.info = info or DistInfo()
         t = cfg.train
         self.out = Path(out or t.out or "runs/dmd2")
@@ -211,9 +213,9 @@ class Trainer:
         self.accum = t.grad_accum
 
         gen, fake, head = components.generator, components.fake_score, components.gan_head
-        gen_names = [n for n, p in gen.named_parameters() if p.requires_grad]
-        critic_names = [[n for n, p in m.named_parameters() if p.requires_grad] for m in (fake, head) if m is not None]
-        if not gen_names or not critic_names[0]:
+        self.gen_trainable = Trainable([gen])  # the trainable names, taken before wrapping
+        self.critic_trainable = Trainable([fake, head])
+        if not self.gen_trainable.names[0] or not self.critic_trainable.names[0]:
             raise ValueError("Components: the generator and the fake score need trainable parameters (requires_grad=True)")
         if t.compile:
             _compile_blocks([gen, fake, components.teacher], components.checkpoint_units or components.fsdp_units)
@@ -230,10 +232,6 @@ class Trainer:
             teacher = shard_frozen(teacher, self.info, components.fsdp_units)
         self.teacher = teacher
         self.critic_modules = nn.ModuleDict({"fake_score": fake, **({"gan_head": head} if head is not None else {})})
-        self.gen_trainable = Trainable([gen])
-        self.gen_trainable.names = [gen_names]
-        self.critic_trainable = Trainable([fake, head])
-        self.critic_trainable.names = critic_names
 
         ddp = self.info.mode == "ddp"
         layers = list(components.gan_layers)
@@ -258,7 +256,6 @@ class Trainer:
         self._acc: dict[str, torch.Tensor] = {}
         self._cnt: dict[str, int] = {}
         self._bad: dict[str, torch.Tensor] = {}
-        self._last_norms: dict[str, torch.Tensor] = {}
         self._stop_signal = 0  # the number of the signal that asked the run to stop
         #: after :meth:`train`: the number of the signal (SIGTERM / SIGINT) that interrupted it, else None
         self.interrupted: int | None = None
@@ -515,8 +512,6 @@ class Trainer:
             "optimizers": {"generator": self._optim_sd(self.gen, self.opt_gen),
                            "critic": self._optim_sd(self.critic_modules, self.opt_critic)},
             "critic_scheduler": self.scheduler.state_dict(),
-            "lr_schedule": {"kind": "constant_with_warmup", "warmup_steps": self.cfg.train.warmup_steps,
-                            "lr_generator": self.cfg.train.lr_generator, "lr_critic": self.cfg.train.lr_critic},
             "rng": {"keys": list(rng), "sizes": [v.numel() for v in rng.values()], "per_rank": rng_rows},
             "log": {"names": names, "acc": self._gather_rows(acc), "cnt": [self._cnt[n] for n in names],
                     "window_steps": self._window_steps},
@@ -529,7 +524,7 @@ class Trainer:
         weights, state = self.state_dict()
         path = None
         if self.info.is_main:
-            path = ckpt.write_checkpoint(self.out, self.step, weights, state, config_to_json(self.cfg),
+            path = ckpt.write_checkpoint(self.out, self.step, weights, state, config_to_json(self.cfg, self.recipe),
                                          keep_last=self.cfg.train.keep_last)
         if self.info.distributed:
             dist.barrier()
@@ -625,7 +620,7 @@ class Trainer:
                                       loggers=t.logger_names(), config=config_to_dict(self.cfg))
             stack.callback(self.monitor.close)
             if self.info.is_main:
-                (self.out / "config.json").write_text(config_to_json(self.cfg))
+                (self.out / "config.json").write_text(config_to_json(self.cfg, self.recipe))
                 if resume is not None:
                     self.monitor.write(f"resumed from {resume} at iteration {self.step}")
             return self._loop()

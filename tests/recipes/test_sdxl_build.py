@@ -127,7 +127,7 @@ def test_missing_real_data_and_prompts(tiny_out, tmp_path):
 
 
 def test_resolve_checkpoint_newest_of_a_run(sdxl_tiny_runs):
-    from dmd2.recipes.sdxl_export import resolve_checkpoint
+    from dmd2.train import resolve_checkpoint
 
     run = sdxl_tiny_runs("shared-base")
     assert resolve_checkpoint(run) == run / "checkpoints" / "checkpoint-00000004"
@@ -144,3 +144,30 @@ def test_sample_command_writes_a_grid(sdxl_tiny_runs, tmp_path):
     img = Image.open(out)
     assert img.size[0] >= 2 * 32 and img.size[1] >= 32
     assert main(RECIPE, ["sample", str(sdxl_tiny_runs("lora"))]) == 2
+
+
+@pytest.mark.parametrize("mode", ["full", "shared-base"])
+def test_load_generator_reads_sdxl_runs(sdxl_tiny_runs, mode):
+    from safetensors.torch import load_file
+
+    from dmd2.recipes.sdxl import load_student_unet
+    from dmd2.train import load_config, load_generator, resolve_checkpoint
+
+    run = sdxl_tiny_runs(mode)
+    last = resolve_checkpoint(run)
+    G = load_generator(run)  # the recipe is named by the run's config.json
+    assert G.weights == "ema" and G.checkpoint == last and G.timesteps == [999, 499]
+    # ema.safetensors is a plain state dict of the trained generator module: strict loading works
+    recipe, cfg = load_config(last)
+    c = recipe.build(cfg)
+    c.generator.load_state_dict(load_file(str(last / "ema.safetensors")), strict=True)
+    noise, cond = c.latents(2, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert G.shape == tuple(noise.shape[1:])
+    # the Student's UNet is the fused student UNet the export reads
+    unet, _, _, which = load_student_unet(run, "ema", fuse=True)
+    assert which == "ema"
+    ref = unet.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in G.denoiser.unet.state_dict().items())
+    with torch.no_grad():
+        x = G(noise, cond, generator=torch.Generator().manual_seed(1))
+    assert x.shape == noise.shape and torch.isfinite(x).all()

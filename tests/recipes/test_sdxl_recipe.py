@@ -108,7 +108,7 @@ def test_student_scheduler_reproduces_the_sampler_exactly(sdxl_tiny_base, timest
 def test_export_round_trip(sdxl_tiny_runs, tmp_path, mode, fmt):
     from diffusers import StableDiffusionXLPipeline
 
-    from dmd2.recipes.sdxl_export import load_student_unet
+    from dmd2.recipes.sdxl import load_student_unet
 
     run = sdxl_tiny_runs(mode)
     out = tmp_path / "pipe"
@@ -120,7 +120,8 @@ def test_export_round_trip(sdxl_tiny_runs, tmp_path, mode, fmt):
     if fmt == "lora" and mode != "full":
         assert (out / "pytorch_lora_weights.safetensors").is_file()
         pipe.load_lora_weights(out)
-    unet, cfg, parts = load_student_unet(run, "ema", fuse=False)
+    unet, cfg, parts, which = load_student_unet(run, "ema", fuse=False)
+    assert which == "ema"
     G = SDXLDenoiser(unet, parts.schedule, adapter=None if mode == "full" else "generator", gan_layer=None)
     enc = PromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2)
     ours, theirs = _ours_and_pipeline(pipe, G, parts.schedule, info["timesteps"], enc)
@@ -133,7 +134,7 @@ def test_export_round_trip(sdxl_tiny_runs, tmp_path, mode, fmt):
     scale = max(1.0, float(ours.abs().max()))
     assert (ours - theirs).abs().max() <= (1e-5 if mode == "full" else 1e-6 * scale)
     # and the export used the EMA weights, not the raw generator's
-    raw, _, _ = load_student_unet(run, "generator", fuse=False)
+    raw, _, _, _ = load_student_unet(run, "generator", fuse=False)
     assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), unet.parameters()))
 
 
