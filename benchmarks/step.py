@@ -252,11 +252,11 @@ def _sdxl(device, sets, out):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from dmd2.core import BackwardSimulationSampler, CFGDenoiser, GANHead
+    from dmd2.core import BackwardSimulationSampler, CFGDenoiser
     from dmd2.models.sdxl import DiffusersVPSchedule, build_networks, time_ids
     from dmd2.recipes import sdxl as rec
     from dmd2.train import Components
-    from dmd2.train.config import apply_overrides
+    from dmd2.train.config import apply_overrides, gan_head
     from dmd2.train.trainer import derive_seed
 
     unet_config = HERE.parent / "dmd2" / "assets" / "sdxl_base_unet_config.json"
@@ -302,9 +302,10 @@ def _sdxl(device, sets, out):
         g = torch.Generator(device=d).manual_seed(derive_seed(7, step, shard))
         return torch.randn((batch, *shape), generator=g, device=d), cond(batch, g)
 
-    head = GANHead([ucfg["block_out_channels"][-1]], hidden=m.gan_hidden, depth=m.gan_depth)
+    head = gan_head(cfg, [ucfg["block_out_channels"][-1]])  # the run's gan section (None without GAN weights)
     return cfg, Components(generator=nets.generator, fake_score=nets.fake_score, teacher=teacher, schedule=schedule,
-                           sampler=sampler, latents=latents, real_data=real_data, gan_head=head, gan_layers=["gan_tap"])
+                           sampler=sampler, latents=latents, real_data=real_data, gan_head=head,
+                           gan_layers=["gan_tap"] if head is not None else [])
 
 
 BUILDERS = {"tiny-imagenet": _tiny_imagenet, "sdxl-tiny": _sdxl_tiny, "imagenet64": _imagenet64, "sdxl": _sdxl}
