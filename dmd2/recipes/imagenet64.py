@@ -5,16 +5,18 @@ Networks (all ``EDMPrecond(ADMNet)`` denoisers, EDM preconditioning, sigma_data 
 * teacher ``D_real``: EDM's ``edm-imagenet-64x64-cond-adm.pkl`` (read without running code from the file, or its
   ``python -m dmd2.models.convert_edm`` safetensors), frozen;
 * generator ``G`` and fake score ``D_fake``: copies of the teacher (DMD2 initialises both from it), dropout 0;
-* GAN head on ``D_fake``'s bottleneck (``model.enc.8x8_block2``, 768 x 8 x 8), a diffusion GAN over the whole
-  noise range (``t'`` uniform over the full 1000-point Karras grid).
+* GAN head on ``D_fake``'s bottleneck (``model.enc.8x8_block2``, 768 x 8 x 8) as in the official code: conv 4/s2 ->
+  GroupNorm -> SiLU -> conv 4/s4 -> GroupNorm -> SiLU -> linear (``gan.hidden=768 gan.depth=1 gan.final_conv=true``),
+  a diffusion GAN over the whole noise range (``t'`` uniform over the full 1000-point Karras grid).
 
 1-step generation: ``x = G(80 z, sigma = 80, c)``, ``z ~ N(0, I)``. Schedule: Karras sigmas 0.002..80, rho 7; the DM
 term and the fake score's denoising loss draw ``t`` over 2%..98% of the grid. An ``N``-step student uses the first
 ``N`` sigmas of an ``N + 1``-point Karras grid (``--steps N``; 1 step -> ``[80]``).
 
-Paper hyperparameters (preset ``paper``, also the defaults): AdamW lr 2e-6 for both, betas (0.9, 0.999), weight decay
-0.01, batch 40 per GPU (7 GPUs), critic ratio 5 (TTUR), GAN weights 3e-3 (G) / 1e-2 (D), bf16, grad clip 10,
-200k iterations -> FID 1.51. (1.28: a longer run, see docs/imagenet64.md.)
+Paper hyperparameters (preset ``paper``, also the defaults; every key against the official run script in
+docs/presets.md): AdamW lr 2e-6 for both, betas (0.9, 0.999), weight decay 0.01, batch 40 per GPU (7 GPUs), critic
+ratio 5 (TTUR), GAN weights 3e-3 (G) / 1e-2 (D), bf16, grad clip 10, warm-up 72 iterations (the official 500
+scheduler steps at 7 GPUs), 200k iterations -> FID 1.51. (1.28: a longer run, see docs/imagenet64.md.)
 
 Command line (``dmd2.train`` grammar)::
 
@@ -38,14 +40,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..core import BackwardSimulationSampler, EDMSchedule, GANHead
+from ..core import BackwardSimulationSampler, EDMSchedule
 from ..models.adm import ADMConfig, UNetBlock, bottleneck_name, build_edm_adm
 from ..train import Components, Recipe, RecipeConfig, Student, main
-from ..train.config import apply_overrides
+from ..train.config import apply_overrides, gan_head
 from ..train.data import IndexedBatches
 
 __all__ = [
-    "ModelConfig", "TeacherConfig", "DataConfig", "GANConfig", "InitConfig", "ImageNet64Config",
+    "ModelConfig", "TeacherConfig", "DataConfig", "InitConfig", "ImageNet64Config",
     "SyntheticImages", "student_grid", "build", "student", "PRESETS", "RECIPE",
 ]
 
@@ -137,19 +139,6 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class GANConfig:
-    """The GAN head on the fake score's bottleneck.
-
-    Attributes:
-        hidden: channels of its strided 4x4 conv blocks.
-        depth: number of strided blocks.
-    """
-
-    hidden: int = 768
-    depth: int = 2
-
-
-@dataclass(frozen=True)
 class InitConfig:
     """Where the trained networks start.
 
@@ -167,7 +156,6 @@ class ImageNet64Config(RecipeConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    gan: GANConfig = field(default_factory=GANConfig)
     init: InitConfig = field(default_factory=InitConfig)
 
 
@@ -277,8 +265,7 @@ def build(cfg: ImageNet64Config, info=None) -> Components:
             if isinstance(mod, UNetBlock):
                 mod.dropout = m.dropout
     fake_score = copy.deepcopy(generator)
-    gan_on = cfg.objective.gan_generator_weight > 0 or cfg.objective.gan_discriminator_weight > 0
-    head = GANHead([fake_score.model.bottleneck_channels], hidden=cfg.gan.hidden, depth=cfg.gan.depth) if gan_on else None
+    head = gan_head(cfg, [fake_score.model.bottleneck_channels])
     if cfg.init.checkpoint:
         _load_init(cfg, generator, fake_score, head)
     world = getattr(info, "world_size", 1)
@@ -344,15 +331,16 @@ def sample_command(cfg: ImageNet64Config, args: list[str]) -> int:
 PAPER: dict[str, Any] = {
     "train.max_steps": 200_000, "train.batch_size": 40, "train.grad_accum": 1,
     "train.lr_generator": 2e-6, "train.lr_critic": 2e-6, "train.betas": (0.9, 0.999), "train.weight_decay": 0.01,
-    "train.adam_eps": 1e-8, "train.warmup_steps": 0, "train.grad_clip": 10.0, "train.mixed_precision": "bf16",
-    "train.checkpoint_every": 5000, "train.keep_last": 3, "train.log_every": 100, "train.sample_every": 5000,
+    "train.adam_eps": 1e-8, "train.warmup_steps": 72, "train.grad_clip": 10.0, "train.mixed_precision": "bf16",
+    "train.ema_decay": None, "train.seed": 10,
+    "train.checkpoint_every": 500, "train.keep_last": 3, "train.log_every": 100, "train.sample_every": 5000,
     "critic.ratio": 5, "sampler.steps": 1, "sampler.timesteps": None,
     "objective.dm_weight": 1.0, "objective.gan_generator_weight": 3e-3, "objective.gan_discriminator_weight": 1e-2,
     "objective.min_frac": 0.02, "objective.max_frac": 0.98, "objective.gan_min_frac": 0.0, "objective.gan_max_frac": 1.0,
     "model.img_resolution": 64, "model.img_channels": 3, "model.label_dim": 1000, "model.model_channels": 192,
     "model.channel_mult": (1, 2, 3, 4), "model.channel_mult_emb": 4, "model.num_blocks": 3,
     "model.attn_resolutions": (32, 16, 8), "model.channels_per_head": 64, "model.dropout": 0.0, "model.sigma_data": 0.5,
-    "teacher.random": False, "data.synthetic": 0, "gan.hidden": 768, "gan.depth": 2,
+    "teacher.random": False, "data.synthetic": 0, "gan.hidden": 768, "gan.depth": 1, "gan.final_conv": True,
 }
 
 TINY: dict[str, Any] = {
@@ -361,7 +349,8 @@ TINY: dict[str, Any] = {
     "train.sample_every": 3, "train.ema_decay": 0.9,
     "model.img_resolution": 16, "model.label_dim": 10, "model.model_channels": 16, "model.channel_mult": (1, 2),
     "model.num_blocks": 1, "model.attn_resolutions": (8,), "model.channels_per_head": 16,
-    "teacher.random": True, "data.synthetic": 64, "gan.hidden": 16, "gan.depth": 1,
+    "train.warmup_steps": 0, "train.seed": 0,
+    "teacher.random": True, "data.synthetic": 64, "gan.hidden": 16, "gan.depth": 1, "gan.final_conv": False,
 }
 
 PRESETS = {"paper": PAPER, "tiny": TINY}

@@ -5,8 +5,9 @@ Networks (all the teacher's architecture, :func:`dmd2.recipes.mnist_teacher.teac
 
 * teacher ``D_real``: the shipped EMA weights (``dmd2/assets/mnist_teacher.safetensors``; ``teacher.path`` for another);
 * generator ``G`` and fake score ``D_fake``: both initialised from the teacher (paper Sec. 5);
-* GAN head ``H`` (:class:`~dmd2.core.GANHead`) on ``D_fake``'s bottleneck (``model.enc.8x8_block0``, 32 x 8 x 8),
-  diffusion GAN at an independent noise level (Sec. 4.2).
+* GAN head ``H`` (:class:`~dmd2.core.GANHead`, section ``gan``: width 64, 2 strided blocks, 8x8 -> 2x2, pooled) on
+  ``D_fake``'s bottleneck (``model.enc.8x8_block0``, 32 x 8 x 8), diffusion GAN at an independent noise level
+  (Sec. 4.2); with both GAN weights at 0 (the "w/o GAN" ablation) no head is built and no real image is read.
 
 The student's grid: 1 step = ``G(80 z; 80, y)`` (the paper's ImageNet-64 generator input); ``--steps N`` uses the
 first ``N`` sigmas of EDM's ``(N+1)``-point Karras grid (4 steps: 80, 17.5, 2.52, 0.170) with backward simulation
@@ -45,28 +46,16 @@ from pathlib import Path
 
 import torch
 
-from ..core import BackwardSimulationSampler, EDMSchedule, GANHead
+from ..core import BackwardSimulationSampler, EDMSchedule
 from ..data.mnist import load_mnist
 from ..models.adm import bottleneck_name
 from ..train import Components, IndexedBatches, Recipe, RecipeConfig, Student, TrainResult, main
+from ..train.config import gan_head
 from .mnist_teacher import (DEFAULT_TEACHER, IMAGE_SHAPE, TeacherConfig, build_teacher, evaluate_teacher, load_teacher,
                             metrics_entry, train_teacher)
 
-__all__ = ["MNISTConfig", "MNISTModelConfig", "MNISTEvalConfig", "student_sigmas", "build", "student", "evaluate_run",
+__all__ = ["MNISTConfig", "MNISTEvalConfig", "student_sigmas", "build", "student", "evaluate_run",
            "student_sampler", "RECIPE", "PRESETS"]
-
-
-@dataclass(frozen=True)
-class MNISTModelConfig:
-    """The GAN head on the fake score's bottleneck (32 x 8 x 8).
-
-    Attributes:
-        gan_hidden: channels of the head's conv blocks.
-        gan_depth: strided blocks (2: 8x8 -> 2x2).
-    """
-
-    gan_hidden: int = 64
-    gan_depth: int = 2
 
 
 @dataclass(frozen=True)
@@ -100,7 +89,6 @@ class MNISTTeacherSection(TeacherConfig):
 @dataclass(frozen=True)
 class MNISTConfig(RecipeConfig):
     teacher: MNISTTeacherSection = field(default_factory=MNISTTeacherSection)
-    model: MNISTModelConfig = field(default_factory=MNISTModelConfig)
     eval: MNISTEvalConfig = field(default_factory=MNISTEvalConfig)
 
 
@@ -142,9 +130,10 @@ def build(cfg: MNISTConfig, info=None) -> Components:
     fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
     layer = bottleneck_name(fake_score)
     channels = fake_score.get_submodule(layer).out_channels
-    head = GANHead([channels], hidden=cfg.model.gan_hidden, depth=cfg.model.gan_depth)
+    head = gan_head(cfg, [channels])
     shards = (info.world_size if info is not None else 1) * cfg.train.grad_accum
-    real = IndexedBatches(_TrainSplit(), shards=shards, batch=cfg.train.batch_size, seed=cfg.train.seed)
+    real = None if head is None else IndexedBatches(_TrainSplit(), shards=shards, batch=cfg.train.batch_size,
+                                                    seed=cfg.train.seed)
 
     def latents(batch, g, device):
         noise = torch.randn((batch, *IMAGE_SHAPE), generator=g, device=device)
@@ -157,7 +146,8 @@ def build(cfg: MNISTConfig, info=None) -> Components:
         return sampler.sample(gen, noise, torch.arange(80, device=device) // 8, generator=g)
 
     return Components(generator=generator, fake_score=fake_score, teacher=teacher, schedule=schedule,
-                      sampler=sampler, latents=latents, real_data=real, gan_head=head, gan_layers=[layer],
+                      sampler=sampler, latents=latents, real_data=real, gan_head=head,
+                      gan_layers=[layer] if head is not None else [],
                       sample_fn=sample_fn, sample_rows=[f"class {c}" for c in range(10)])
 
 
@@ -295,6 +285,7 @@ DEFAULTS = {
     "train.sample_every": 300,
     "train.device": "cpu", "critic.ratio": 5,
     "objective.gan_generator_weight": 3e-3, "objective.gan_discriminator_weight": 1e-2,
+    "gan.hidden": 64, "gan.depth": 2,
 }
 
 

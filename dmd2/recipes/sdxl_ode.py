@@ -6,7 +6,7 @@ teacher's deterministic sampler outputs. Two commands reproduce it, then trainin
 
     python -m dmd2.recipes.sdxl ode-pairs PAIRS --num 10000 --preset ode-paper data.prompts=prompts.parquet
     python -m dmd2.recipes.sdxl ode-pretrain PAIRS --preset ode-paper --out runs/ode
-    python -m dmd2.recipes.sdxl --preset paper --steps 1 model.generator_init=runs/ode ...
+    python -m dmd2.recipes.sdxl --preset paper-1step model.generator_init=runs/ode data.prompts=FILE ...
 
 ``ode-pairs`` - for pair ``i``: unit noise :math:`z_i` and a prompt :math:`c_i` (both keyed by ``(train.seed, i)``,
 so the pairs do not depend on the number of ranks or the batch), and the teacher's ODE solution

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import BackwardSimulationSampler, GANHead, VPSchedule
+from ..core import BackwardSimulationSampler, VPSchedule
 from ..models.mixture import GaussianMixtureDenoiser
 from ..train import Components, Recipe, RecipeConfig, Student, main
+from ..train.config import GANConfig, gan_head
 from ..train.trainer import derive_seed
 
 __all__ = ["TinyConfig", "TinyModelConfig", "TinyDataConfig", "TinyDenoiser", "mixture_means", "build", "student",
@@ -35,17 +36,13 @@ __all__ = ["TinyConfig", "TinyModelConfig", "TinyDataConfig", "TinyDenoiser", "m
 
 @dataclass(frozen=True)
 class TinyModelConfig:
-    """The student / fake-score network.
+    """The student / fake-score network (the GAN head, section ``gan``, reads its ``mid`` block).
 
     Attributes:
         hidden: channels of the network.
-        gan: add a GAN head.
-        gan_hidden: width of the GAN head.
     """
 
     hidden: int = 16
-    gan: bool = True
-    gan_hidden: int = 16
 
 
 @dataclass(frozen=True)
@@ -134,7 +131,7 @@ def build(cfg: TinyConfig, info=None) -> Components:
     means = mixture_means(d)
     teacher = GaussianMixtureDenoiser(means, d.std, schedule)
     fake_score = copy.deepcopy(generator)
-    head = GANHead([m.hidden], hidden=m.gan_hidden, depth=1) if m.gan else None
+    head = gan_head(cfg, [m.hidden])
     shape = (d.channels, d.resolution, d.resolution)
 
     def latents(batch, g, device):
@@ -152,7 +149,8 @@ def build(cfg: TinyConfig, info=None) -> Components:
         return _sample_grid(lambda noise, cond, g: sampler.sample(gen, noise, cond, generator=g), d, device)
 
     return Components(generator=generator, fake_score=fake_score, teacher=teacher, schedule=schedule, sampler=sampler,
-                      latents=latents, real_data=real_data, gan_head=head, gan_layers=["mid"] if head else [],
+                      latents=latents, real_data=real_data if head is not None else None, gan_head=head,
+                      gan_layers=["mid"] if head is not None else [],
                       sample_fn=sample_fn, checkpoint_units=lambda mod: [mod.mid, mod.out])
 
 
@@ -195,8 +193,8 @@ def next_steps(cfg: TinyConfig, ckpt: Path) -> list[str]:
     return [f"python -m dmd2.recipes.tiny sample {ckpt} {Path(cfg.train.out) / 'sample.png'}"]
 
 
-RECIPE = Recipe(name="tiny", config=TinyConfig(), build=build, presets=PRESETS, commands={"sample": sample_command},
-                next_steps=next_steps, generator=student)
+RECIPE = Recipe(name="tiny", config=TinyConfig(gan=GANConfig(hidden=16, depth=1)), build=build, presets=PRESETS,
+                commands={"sample": sample_command}, next_steps=next_steps, generator=student)
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process

@@ -5,8 +5,10 @@ One iteration ``s`` (``train.max_steps`` counts them, docs/design.md "Iteration"
 
 1. when ``s % critic.ratio == 0``: a generator update - fake score and GAN head frozen, ``grad_accum`` micro-batches
    of :meth:`DMD2.generator_loss`, gradient clipping, AdamW step, EMA update;
-2. always: a critic update - generator frozen, :meth:`DMD2.critic_loss` on fresh generator samples and real
-   images, clipping, AdamW step on the fake score + GAN head.
+2. always: a critic update - generator frozen, :meth:`DMD2.critic_loss` on generator samples and real images,
+   clipping, AdamW step on the fake score + GAN head. The samples: on a generator turn, that turn's detached,
+   pre-update output of the same micro-batch (with its conditions and ``k``; the official code's choice), else
+   fresh ones (``objective.critic_fresh_samples=true``: fresh ones on every iteration).
 
 Randomness is keyed, not carried: the noise, times and re-noises of micro-batch ``m`` on rank ``r`` come from a
 generator seeded by ``(seed, s, phase, shard)`` with the global shard index ``shard = r * grad_accum + m`` (with
@@ -131,6 +133,32 @@ def _enable_grad_checkpointing(module: nn.Module, units) -> None:
                          "and the recipe gave no Components.checkpoint_units")
 
 
+def _compile_blocks(modules: Iterable[Any], units) -> None:
+    """``torch.compile`` the ``forward`` of each block ``units(module)`` returns (the whole module when it returns
+    none): module hooks run in eager mode around the compiled code (FeatureHooks' taps and stop, FSDP2's unshard /
+    reshard, DDP's reducer on the parameters), and activation checkpointing wraps the compiled forward. Blocks shared
+    between networks (LoRA modes) are compiled once.
+
+    Static shapes (``dynamic=False``): the batch takes a few values per run (B, the 2B of the critic's GAN pass and of
+    CFG), each compiled once; with automatic dynamic shapes inductor failed on CPU (torch 2.14.1, ADM blocks:
+    "cannot determine truth value of Relational: 32*s0*s53 < 32"). The blocks of one class share one code object, so Dynamo's
+    per-code-object recompile limit is raised to hold every (block shape, batch, grad mode) variant (a process-wide
+    setting, never lowered)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.cache_size_limit = max(cfg.cache_size_limit, 256)
+    cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 1024)
+    done: set[int] = set()
+    for module in modules:
+        if not isinstance(module, nn.Module):
+            continue
+        for u in (list(units(module)) if units is not None else []) or [module]:
+            if id(u) not in done:
+                done.add(id(u))
+                u.forward = torch.compile(u.forward, dynamic=False)
+
+
 def _local(t):
     """A DTensor's full value (collective), else the tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -176,6 +204,9 @@ class Trainer:
         self.critic_trainable = Trainable([fake, head])
         if not self.gen_trainable.names[0] or not self.critic_trainable.names[0]:
             raise ValueError("Components: the generator and the fake score need trainable parameters (requires_grad=True)")
+        if t.compile:
+            _compile_blocks([gen, fake, components.teacher], components.checkpoint_units or components.fsdp_units)
+            _compile_blocks([head], None)
         if t.grad_checkpointing:
             _enable_grad_checkpointing(gen, components.checkpoint_units)
             _enable_grad_checkpointing(fake, components.checkpoint_units)
@@ -285,11 +316,13 @@ class Trainer:
         return _local(norm)
 
     # -- one update each ---------------------------------------------------------------------------------------
-    def _generator_update(self, step: int) -> None:
+    def _generator_update(self, step: int) -> list[tuple[Any, Any]]:
+        """The generator update; returns each micro-batch's ``(Samples, cond)`` for the critic update."""
         self.critic_trainable.set(False)
         self.gen_trainable.set(True)
         k = self.draw_k(step, _GEN)
         logs_sum: dict[str, torch.Tensor] = {}
+        made = []
         for m in range(self.accum):
             g = self._rng(step, _GEN, self._shard(m))
             self._key_noise_stream(step, _GEN, self._shard(m))
@@ -298,6 +331,7 @@ class Trainer:
                 with self._autocast():
                     loss, logs = self.obj_gen.generator_loss(noise, cond, k=k, generator=g)
                 (loss / self.accum).backward()
+            made.append((self.obj_gen.last_samples, cond))
             for n, v in logs.items():
                 if n != "k":
                     logs_sum[n] = logs_sum.get(n, 0) + v.float() / self.accum
@@ -311,8 +345,11 @@ class Trainer:
         for n, v in logs_sum.items():
             self._track(n, v, 2 * step)
         self._track("grad_norm_generator", norm, 2 * step)
+        return made
 
-    def _critic_update(self, step: int) -> None:
+    def _critic_update(self, step: int, made: Sequence[tuple[Any, Any]] | None = None) -> None:
+        """The critic update, on ``made`` (the generator turn's per-micro-batch samples) when given, else on fresh
+        samples."""
         self.gen_trainable.set(False)
         self.critic_trainable.set(True)
         k = self.draw_k(step, _CRITIC)
@@ -322,12 +359,17 @@ class Trainer:
             shard = self._shard(m)
             g = self._rng(step, _CRITIC, shard)
             self._key_noise_stream(step, _CRITIC, shard)
-            noise, cond = self.c.latents(b, g, self.device)
+            samples = None
+            if made is None:
+                noise, cond = self.c.latents(b, g, self.device)
+            else:
+                (samples, cond), noise = made[m], None
             real, real_cond = (self.c.real_data(step, shard, b, self.device) if self.c.real_data is not None and self.head is not None
                                else (None, None))
             with self._no_sync([self.fake_w, self.head_w], m == self.accum - 1):
                 with self._autocast():
-                    loss, logs = self.obj_critic.critic_loss(noise, cond, real, real_cond, k=k, generator=g)
+                    loss, logs = self.obj_critic.critic_loss(noise, cond, real, real_cond, k=k, generator=g,
+                                                             samples=samples)
                 (loss / self.accum).backward()
             for n, v in logs.items():
                 logs_sum[n] = logs_sum.get(n, 0) + v.float() / self.accum
@@ -345,9 +387,8 @@ class Trainer:
         phase = self.scheduler.next()
         if phase.step != self.step:
             raise RuntimeError(f"critic scheduler at {phase.step} but trainer at {self.step}")
-        if phase.generator:
-            self._generator_update(self.step)
-        self._critic_update(self.step)
+        made = self._generator_update(self.step) if phase.generator else None
+        self._critic_update(self.step, None if self.cfg.objective.critic_fresh_samples else made)
         self.step += 1
 
     # -- checks and logs ---------------------------------------------------------------------------------------

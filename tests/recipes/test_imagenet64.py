@@ -31,7 +31,7 @@ PAPER_VALUES = {
     ("train", "lr_generator"): 2e-6, ("train", "lr_critic"): 2e-6, ("train", "betas"): [0.9, 0.999],
     ("train", "weight_decay"): 0.01, ("train", "batch_size"): 40, ("train", "grad_clip"): 10.0,
     ("train", "mixed_precision"): "bf16", ("train", "max_steps"): 200_000, ("train", "grad_accum"): 1,
-    ("train", "warmup_steps"): 0,
+    ("train", "warmup_steps"): 72, ("train", "ema_decay"): None, ("train", "seed"): 10,  # official: 500 scheduler steps = 500/7 iterations
     ("critic", "ratio"): 5, ("sampler", "steps"): 1,
     ("objective", "gan_generator_weight"): 3e-3, ("objective", "gan_discriminator_weight"): 1e-2,
     ("objective", "dm_weight"): 1.0, ("objective", "min_frac"): 0.02, ("objective", "max_frac"): 0.98,

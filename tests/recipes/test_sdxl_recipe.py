@@ -146,8 +146,8 @@ def test_export_errors(tmp_path):
 def test_memory_plan_sdxl():
     from dmd2.recipes.sdxl_memory import memory_plan, memory_table
 
-    plan = memory_plan(batch=2, resolution=1024, lora_rank=64)
-    assert plan["unet_params"] == 2_567_463_684
+    plan = memory_plan(resolve_config(RECIPE, "paper").gan, batch=2, resolution=1024, lora_rank=64)
+    assert plan["unet_params"] == 2_567_463_684 and plan["gan_head_params"] == 104_874_241  # the official head
     m = plan["modes"]
     n, lora = plan["unet_params"], plan["lora_params"]
     assert m["full"]["weights"] == 2 * n + 4 * (2 * n + plan["gan_head_params"])
