@@ -28,6 +28,7 @@ the networks hold fp32 weights), as the official code does.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -108,8 +109,12 @@ class DMD2Config:
                              "critic_min_frac/critic_max_frac must equal gan_min_frac/gan_max_frac; got "
                              f"({self.critic_min_frac}, {self.critic_max_frac}) vs ({self.gan_min_frac}, {self.gan_max_frac})")
         for name in ("dm_weight", "gan_generator_weight", "gan_discriminator_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DMD2Config: {name} must be >= 0, got {getattr(self, name)}")
+            if not getattr(self, name) >= 0 or math.isinf(getattr(self, name)):  # NaN fails ">= 0"
+                raise ValueError(f"DMD2Config: {name} must be finite and >= 0, got {getattr(self, name)}")
+        if not (0 < self.dm_eps < math.inf):
+            raise ValueError(f"DMD2Config: dm_eps must be finite and > 0, got {self.dm_eps}")
+        if self.impl not in kernels.IMPLS:
+            raise ValueError(f"DMD2Config: impl must be one of {kernels.IMPLS}, got {self.impl!r}")
 
 
 @dataclass(frozen=True)

@@ -1,72 +1,212 @@
-"""Checkpoints in the run-folder layout::
+"""Checkpoints in the run-folder layout, and the run folder's lock::
 
+    OUT/.lock                                   held (flock) by the run's rank 0 for the run's life
     OUT/checkpoints/checkpoint-00000200/{generator,fake_score,gan_head,ema}.safetensors  state.pt  config.json
+                                        manifest.json
 
-The number is the count of completed iterations. A checkpoint is written to ``checkpoint-XXXXXXXX.tmp/`` and
-renamed when every file is on disk, so a folder without ``.tmp`` is always complete. Weights are full (unsharded)
-fp32/bf16 tensors keyed by parameter name: a run resumes on any number of ranks. ``state.pt`` (optimizers keyed by
-parameter name, critic scheduler, RNG states, step, log accumulators) loads with ``torch.load(..., weights_only=True)``.
+The number is the count of completed iterations. A checkpoint is written to ``checkpoint-XXXXXXXX.tmp/``; its
+``manifest.json`` (every other file's name, size in bytes and SHA-256) is written last, then the folder is renamed.
+The one completeness rule, :func:`verify_checkpoint`: a checkpoint is trusted only when its manifest parses, lists
+``state.pt``, ``generator.safetensors`` and ``fake_score.safetensors``, and every listed file exists with the listed
+size (and checksum). Pruning (``keep_last``) renames a folder to ``*.trash`` before deleting it, so a kill leaves
+either a whole checkpoint or a ``.trash`` / ``.tmp`` folder, which :func:`remove_stale` deletes when the next run
+starts. At load, every floating-point tensor (weights and ``state.pt``) must be finite.
+
+Weights are full (unsharded) fp32/bf16 tensors keyed by parameter name: a run resumes on any number of ranks.
+``state.pt`` (optimizers keyed by parameter name, critic scheduler, RNG states, step, log accumulators) loads with
+``torch.load(..., weights_only=True)``. Files get the process's normal mode (``0666 & ~umask``).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CHECKPOINT_NAMES", "checkpoint_path", "is_complete", "list_checkpoints", "latest_checkpoint", "resolve_resume",
-           "write_checkpoint", "read_checkpoint"]
+__all__ = ["CHECKPOINT_NAMES", "MANIFEST", "RunFolderLocked", "CheckpointWriteError", "checkpoint_path", "verify_checkpoint",
+           "list_checkpoints", "latest_checkpoint", "resolve_resume", "remove_stale", "hold_run_folder",
+           "write_manifest", "write_checkpoint", "read_checkpoint", "load_weights"]
 
 #: the weight files a checkpoint may hold (``gan_head`` / ``ema`` only when the run has them)
 CHECKPOINT_NAMES = ("generator", "fake_score", "gan_head", "ema")
+#: the manifest's file name (written last inside the ``.tmp`` folder)
+MANIFEST = "manifest.json"
+_REQUIRED = ("state.pt", "generator.safetensors", "fake_score.safetensors")
 _PATTERN = re.compile(r"^checkpoint-(\d{8})$")
+_STALE = re.compile(r"^checkpoint-\d{8}\.(tmp|trash)$")
 
 
 def checkpoint_path(out: str | Path, step: int) -> Path:
     return Path(out) / "checkpoints" / f"checkpoint-{step:08d}"
 
 
-def is_complete(path: str | Path) -> bool:
-    """Whether ``path`` is a complete checkpoint folder (the one completeness rule: resume, listing and loading
-    all ask this)."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: str | Path, checksums: bool = True) -> None:
+    """Raise ``ValueError`` (the reason, naming the folder and file) unless ``path`` is a complete checkpoint: its
+    ``manifest.json`` parses, lists the required files, and every listed file has the listed size and (when
+    ``checksums``, reading every byte) SHA-256. Files the manifest does not list are not trusted either."""
     path = Path(path)
-    return path.is_dir() and (path / "state.pt").is_file() and (path / "generator.safetensors").is_file()
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a checkpoint folder (it does not exist or is not a directory)")
+    man = path / MANIFEST
+    if not man.is_file():
+        raise ValueError(f"{path}: no {MANIFEST} (an interrupted write; a checkpoint is trusted only with one)")
+    try:
+        files = json.loads(man.read_text())["files"]
+        entries = {str(n): (int(e["size"]), str(e["sha256"])) for n, e in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{man}: unreadable manifest ({type(e).__name__}: {e})") from None
+    missing = [n for n in _REQUIRED if n not in entries]
+    if missing:
+        raise ValueError(f"{man}: does not list {', '.join(missing)}")
+    extra = sorted(f.name for f in path.iterdir() if f.name != MANIFEST and f.name not in entries)
+    if extra:
+        raise ValueError(f"{path}: {', '.join(extra)} not listed in {MANIFEST}")
+    for name, (size, digest) in entries.items():
+        f = path / name
+        if "/" in name or name.startswith(".") or not f.is_file():
+            raise ValueError(f"{f}: listed in {MANIFEST} but missing")
+        actual = f.stat().st_size
+        if actual != size:
+            raise ValueError(f"{f}: {actual} bytes, the manifest says {size} (truncated or rewritten)")
+        if checksums and _sha256(f) != digest:
+            raise ValueError(f"{f}: SHA-256 differs from the manifest (corrupt or rewritten)")
 
 
-def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run folder, oldest first (``.tmp`` folders are ignored)."""
+def _candidates(out: str | Path) -> list[tuple[int, Path]]:
     root = Path(out) / "checkpoints"
     if not root.is_dir():
         return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _PATTERN.match(p.name)) and p.is_dir())
+
+
+def list_checkpoints(out: str | Path) -> list[tuple[int, Path]]:
+    """Checkpoints of a run folder whose manifest and file sizes verify (no checksums read), oldest first."""
     found = []
-    for p in root.iterdir():
-        m = _PATTERN.match(p.name)
-        if m and is_complete(p):
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    for step, p in _candidates(out):
+        try:
+            verify_checkpoint(p, checksums=False)
+        except ValueError:
+            continue
+        found.append((step, p))
+    return found
 
 
-def latest_checkpoint(out: str | Path) -> Path | None:
-    found = list_checkpoints(out)
-    return found[-1][1] if found else None
+def latest_checkpoint(out: str | Path, report=None) -> Path | None:
+    """The newest checkpoint of ``out`` that fully verifies (:func:`verify_checkpoint`), or None.
+
+    Each newer one that does not verify is skipped with one line ``skipping PATH: REASON`` passed to ``report``
+    (default: printed to stderr as ``warning: ...``)."""
+    if report is None:
+        def report(msg):
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+    for _, p in reversed(_candidates(out)):
+        try:
+            verify_checkpoint(p)
+        except ValueError as e:
+            report(f"skipping {p}: {e}")
+            continue
+        return p
+    return None
 
 
 def resolve_resume(out: str | Path, resume: str) -> Path | None:
-    """``""`` -> None; ``"auto"`` -> the newest complete checkpoint of ``out`` (None if there is none);
-    a path -> that checkpoint folder, which must be complete (``ValueError`` otherwise)."""
+    """``""`` -> None; ``"auto"`` -> the newest checkpoint of ``out`` that verifies (None if there is none);
+    a path -> that checkpoint folder, which must verify (``ValueError`` with the reason otherwise)."""
     if not resume:
         return None
     if resume == "auto":
         return latest_checkpoint(out)
     p = Path(resume)
-    if not is_complete(p):
-        raise ValueError(f"--resume {resume}: expected a complete checkpoint folder holding state.pt and "
-                         f"generator.safetensors (e.g. OUT/checkpoints/checkpoint-00000200)")
+    try:
+        verify_checkpoint(p)
+    except ValueError as e:
+        raise ValueError(f"--resume {resume}: expected a complete checkpoint folder "
+                         f"(e.g. OUT/checkpoints/checkpoint-00000200): {e}") from None
     return p
+
+
+def remove_stale(out: str | Path) -> list[Path]:
+    """Delete ``checkpoint-*.tmp`` and ``checkpoint-*.trash`` folders left by a killed run (call under the lock)."""
+    root = Path(out) / "checkpoints"
+    gone = []
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if _STALE.match(p.name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                gone.append(p)
+    return gone
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the message names the folder."""
+
+
+class RunFolderLocked(ValueError):
+    """Another process holds the run folder's lock."""
+
+
+_HELD: dict[str, list] = {}  # resolved folder -> [open lock file, depth]: the lock is re-entrant within a process
+
+
+@contextlib.contextmanager
+def hold_run_folder(out: str | Path) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``OUT/.lock`` (creating ``OUT``) for the ``with`` block; the file records the
+    holder's pid. Re-entrant within one process; the OS releases it when the process dies. A folder this call
+    created is removed again if nothing but the lock was written in it (a run that failed while building). A second process gets
+    :class:`RunFolderLocked` naming the folder and the holder's pid, at once (no waiting)."""
+    out = Path(out)
+    key = str(out.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield out
+        finally:
+            _HELD[key][1] -= 1
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunFolderLocked(f"run folder {out} is in use by another run (pid {holder}); wait for it to end or "
+                              f"choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _HELD[key] = [f, 1]
+    try:
+        yield out
+    finally:
+        if _HELD[key][1] == 1:
+            del _HELD[key]
+            if created and [p.name for p in out.iterdir()] == [".lock"]:  # it failed before writing: leave no trace
+                (out / ".lock").unlink()
+                out.rmdir()
+            f.close()  # releases the flock
+        else:
+            _HELD[key][1] -= 1
 
 
 def _finalize(tmp: Path, final: Path) -> None:
@@ -87,11 +227,47 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _discard(folder: Path) -> None:
+    """Rename to ``*.trash`` (one atomic step: the folder stops being a checkpoint), then delete."""
+    trash = folder.with_name(folder.name + ".trash")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_manifest(folder: str | Path, step: int, world_size: int) -> None:
+    """Give every file of ``folder`` the normal mode, fsync it, then write ``manifest.json`` (each file's size and
+    SHA-256, the step and the world size that wrote it) and fsync that: the last write of a checkpoint."""
+    folder = Path(folder)
+    mode = 0o666 & ~_umask()
+    files = {}
+    for f in sorted(folder.iterdir()):
+        if f.name == MANIFEST:
+            continue
+        os.chmod(f, mode)  # safetensors creates its files 0600
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+        files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    with open(folder / MANIFEST, "w") as fh:
+        fh.write(json.dumps({"step": step, "world_size": world_size, "files": files}, indent=1))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def write_checkpoint(out: str | Path, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict,
                      config_json: str, keep_last: int = 0) -> Path:
-    """Write one checkpoint (call on rank 0 only) and drop all but the newest ``keep_last`` (0 keeps all).
+    """Write one checkpoint (call on rank 0 only, holding :func:`hold_run_folder`) and drop all but the newest
+    ``keep_last`` (0 keeps all).
 
-    ``weights``: file name (one of :data:`CHECKPOINT_NAMES`) -> flat state dict of CPU tensors.
+    ``weights``: file name (one of :data:`CHECKPOINT_NAMES`) -> flat state dict of CPU tensors. Order: every file into
+    ``checkpoint-XXXXXXXX.tmp/``, fsync, ``manifest.json`` last, fsync, rename, fsync the parent.
     """
     unknown = set(weights) - set(CHECKPOINT_NAMES)
     if unknown:
@@ -101,30 +277,75 @@ def write_checkpoint(out: str | Path, step: int, weights: dict[str, dict[str, to
     if tmp.exists():
         shutil.rmtree(tmp)  # left over from an interrupted write
     tmp.mkdir(parents=True)
-    for name, sd in weights.items():
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    (tmp / "config.json").write_text(config_json)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        for name, sd in weights.items():
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        (tmp / "config.json").write_text(config_json)
+        write_manifest(tmp, step, state.get("world_size", 1))
+    except Exception as e:  # a full disk, a quota, an I/O error: torch and safetensors word these obscurely
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(tmp.parent).free
+        why = (str(e).splitlines() or [""])[0]
+        raise CheckpointWriteError(f"{tmp}: could not write checkpoint {step} ({type(e).__name__}: {why}); "
+                                   f"{free / 2**20:.1f} MiB free on that disk; earlier checkpoints are untouched, "
+                                   f"resume with --resume auto once there is room") from e
     if final.exists():
-        shutil.rmtree(final)
+        _discard(final)
     _finalize(tmp, final)
     _fsync_dir(final.parent)
     if keep_last > 0:
         for _, old in list_checkpoints(out)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     return final
 
 
+def _check_finite(tree, file: Path, where: str = "") -> None:
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() and tree.numel() and not bool(torch.isfinite(tree).all()):
+            bad = int((~torch.isfinite(tree)).sum())
+            raise ValueError(f"{file}: tensor {where or '<root>'} holds {bad} non-finite value(s) (NaN/inf); "
+                             f"refusing to resume from it")
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            _check_finite(v, file, f"{where}/{k}" if where else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            _check_finite(v, file, f"{where}[{i}]")
+
+
+def load_weights(file: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file (CPU); ``FileNotFoundError`` / ``ValueError`` name the file."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such safetensors file")
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types, without the file name
+        raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
-    """``(weights, state, config)`` of a checkpoint folder; ``state.pt`` is read with ``weights_only=True``."""
+    """``(weights, state, config)`` of a checkpoint folder that verifies (:func:`verify_checkpoint`); ``state.pt`` is
+    read with ``weights_only=True``. ``ValueError`` names the file (and tensor) when it does not verify, does not
+    parse, or holds a non-finite floating-point value."""
     path = Path(path)
-    if not is_complete(path):
-        raise ValueError(f"{path}: not a complete checkpoint (expected state.pt and generator.safetensors)")
-    weights = {n: load_file(str(path / f"{n}.safetensors")) for n in CHECKPOINT_NAMES if (path / f"{n}.safetensors").is_file()}
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    verify_checkpoint(path)
+    weights, state = {}, None
+    for n in CHECKPOINT_NAMES:
+        f = path / f"{n}.safetensors"
+        if f.is_file():
+            weights[n] = load_weights(f)
+            _check_finite(weights[n], f)
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors, or a global weights_only refuses
+        raise ValueError(f"{path / 'state.pt'}: not loadable with torch.load(weights_only=True) "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    _check_finite(state, path / "state.pt")
     cfg_file = path / "config.json"
-    config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    try:
+        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
     return weights, state, config

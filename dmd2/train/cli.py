@@ -9,11 +9,15 @@ JSON / YAML file of overrides), then ``--out`` (``train.out``), ``--resume`` (``
 (``sampler.steps``), then the recipe's own flags (:attr:`Recipe.flags`, e.g. ``--num``), then the ``key.sub=value``
 overrides in order; ``train.origin`` records that chain. ``--dry-run`` prints the resolved config as JSON and writes nothing. ``--help`` lists the commands, presets and every
 config key (type, default, description; generated from the config dataclasses), ``--help-config SECTION`` one
-section. Bad input (unknown key, preset, section or command) prints ``error: ...`` and returns 2.
+section. Bad input (unknown key, preset, section or command, a missing or unreadable file, a checkpoint that does not
+verify or fit, a config changed at resume without ``--allow-config-change``, a run folder in use, a full disk) prints
+one line ``error: ...`` and returns 2; a run stopped by SIGTERM / SIGINT returns ``128 + signal`` after its checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 import textwrap
 from dataclasses import dataclass, field
@@ -22,8 +26,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .config import RecipeConfig, _plain, _value_text, apply_overrides, config_help, config_to_json, read_config_file
+from .config import (RecipeConfig, _plain, _value_text, apply_overrides, config_help, config_to_dict, config_to_json,
+                     read_config_file)
 
+__all__ = ["Recipe", "main", "resolve_config", "run_training", "run_summary", "help_text", "check_resume_config",
+           "config_diff", "RESUME_FREE_KEYS"]
 __all__ = ["Recipe", "TrainResult", "main", "resolve_config", "run_training", "run_summary", "help_text"]
 
 
@@ -57,7 +64,7 @@ class Recipe:
             generator network with ``state_dict`` (its plain weights) loaded, wrapped with the run's sampler; what
             :func:`~dmd2.train.loading.load_generator` calls.
         after_train: ``after_train(cfg, result: TrainResult)``, run on rank 0 after ``train`` returns, only when
-            the run completed (``result.completed``: not stopped by SIGTERM; SIGINT raises and skips it).
+            the run completed (``result.completed``: not stopped by SIGTERM or SIGINT).
         module: the recipe's module name, recorded in the run's ``config.json`` (default: where ``build`` lives).
     """
 
@@ -100,6 +107,8 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in OUT) or a checkpoint folder")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit, writing nothing")
     p.add_argument("--steps", type=int, default=None, help="student sampling steps (sampler.steps)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although the config differs from the checkpoint's (the differences are printed)")
     for flag, key in recipe.flags.items():
         p.add_argument(flag, dest="flag:" + key, metavar=key.rsplit(".", 1)[-1].upper(), default=None, help=f"sets {key}")
     return p
@@ -165,23 +174,97 @@ def resolve_config(recipe: Recipe, preset: str | None = None, overrides: Sequenc
     return apply_overrides(cfg, {"train.origin": ", ".join(origin)})
 
 
-def run_training(recipe: Recipe, cfg: RecipeConfig) -> int:
-    """``train``: join the torchrun job if any, build the components, train (resuming per ``train.resume``), then
+#: keys a resume may change without ``--allow-config-change``: how long the run goes, where it writes, how often it
+#: reports, how it is launched (a checkpoint resumes on any number of ranks); every other key changes the run itself
+RESUME_FREE_KEYS = ("train.max_steps", "train.out", "train.resume", "train.progress", "train.checkpoint_every",
+                    "train.keep_last", "train.log_every", "train.sample_every", "train.device", "train.distributed",
+                    "train.grad_checkpointing", "train.loggers", "train.origin", "eval.")
+
+
+_ABSENT = object()
+
+
+def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """``["key: old -> new", ...]`` between two nested config dicts (keys in either), skipping
+    :data:`RESUME_FREE_KEYS` (an entry ending in ``.`` is a whole section)."""
+    out = []
+    for k in [*old, *(k for k in new if k not in old)]:
+        key = prefix + str(k)
+        if key in RESUME_FREE_KEYS or any(f.endswith(".") and key.startswith(f) for f in RESUME_FREE_KEYS):
+            continue
+        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_diff(a, b, key + ".")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            show = [("(absent)" if v is _ABSENT else json.dumps(list(v) if isinstance(v, tuple) else v)) for v in (a, b)]
+            out.append(f"{key}: {show[0]} -> {show[1]}")
+    return out
+
+
+def check_resume_config(cfg: RecipeConfig, checkpoint: Path, world_size: int = 1, allow_change: bool = False) -> list[str]:
+    """Compare the run's config with the one saved in ``checkpoint``: ``ValueError`` listing the changed keys unless
+    ``allow_change`` (then the differences are returned, for the log). ``train.grad_accum`` may change with the
+    number of ranks when the global batch (``grad_accum * world_size``) stays the same."""
+    from .checkpoint import MANIFEST
+
+    saved = checkpoint / "config.json"
+    try:
+        old = json.loads(saved.read_text())
+        old_world = int(json.loads((checkpoint / MANIFEST).read_text()).get("world_size", 1))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{saved}: cannot read the checkpoint's config ({e})") from None
+    new = config_to_dict(cfg)
+    if old.get("train", {}).get("grad_accum", 1) * old_world == cfg.train.grad_accum * world_size:
+        new = {**new, "train": {**new["train"], "grad_accum": old["train"]["grad_accum"]}}
+    diff = config_diff(old, new)
+    if diff and not allow_change:
+        raise ValueError(f"resuming from {checkpoint} with a different config ({'; '.join(diff)}); resume with the "
+                         f"same settings, or pass --allow-config-change to continue with the new ones")
+    return diff
+
+
+def run_training(recipe: Recipe, cfg: RecipeConfig, allow_config_change: bool = False) -> int:
+    """``train``: join the torchrun job if any, lock the run folder (rank 0), resolve and check ``train.resume``,
+    build the components, train. Returns 0, or ``128 + signal`` when SIGTERM / SIGINT interrupted the run (a
+    checkpoint was written; nothing that follows training, such as an evaluation, should run). Then
     :attr:`Recipe.after_train` on rank 0 when the run completed."""
     import torch.distributed as dist
 
-    from .checkpoint import resolve_resume
-    from .distributed import init_distributed
+    from .checkpoint import RunFolderLocked, hold_run_folder, latest_checkpoint, resolve_resume
+    from .distributed import any_rank, init_distributed
     from .trainer import Trainer
 
     info = init_distributed(cfg.train.distributed, cfg.train.device)
+    out = Path(cfg.train.out)
     try:
-        torch.manual_seed(cfg.train.seed)
-        components = recipe.build(cfg, info)
-        trainer = Trainer(cfg, components, info, cfg.train.out, recipe=recipe.module)
-        resume = resolve_resume(cfg.train.out, cfg.train.resume)
-        last = trainer.train(resume)
-        result = TrainResult(last, trainer.step, trainer.step >= cfg.train.max_steps)
+        with contextlib.ExitStack() as stack:
+            refused = None
+            if info.is_main:
+                try:
+                    stack.enter_context(hold_run_folder(out))
+                except RunFolderLocked as e:
+                    refused = e
+            if any_rank(refused is not None, info):
+                raise refused or RunFolderLocked(f"run folder {out} is in use by another run (see rank 0)")
+            if cfg.train.resume == "auto":
+                skipped = []
+                resume = latest_checkpoint(out, report=lambda msg: skipped.append(msg) or (
+                    info.is_main and print(f"warning: {msg}", file=sys.stderr, flush=True)))
+                if resume is None and skipped:
+                    raise ValueError(f"--resume auto: no checkpoint in {out / 'checkpoints'} verifies ({len(skipped)} "
+                                     f"skipped, reasons above); pass --resume PATH, or move them away to start afresh")
+            else:
+                resume = resolve_resume(out, cfg.train.resume)
+            if resume is not None:
+                diff = check_resume_config(cfg, resume, info.world_size, allow_config_change)
+                if diff and info.is_main:
+                    print(f"warning: config changed at resume (--allow-config-change): {'; '.join(diff)}", file=sys.stderr,
+                          flush=True)
+            torch.manual_seed(cfg.train.seed)
+            components = recipe.build(cfg, info)
+            trainer = Trainer(cfg, components, info, out, recipe=recipe.module)
+            last = trainer.train(resume)
+            result = TrainResult(last, trainer.step, trainer.interrupted is None and trainer.step >= cfg.train.max_steps)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -189,7 +272,7 @@ def run_training(recipe: Recipe, cfg: RecipeConfig) -> int:
         recipe.after_train(cfg, result)
     if info.is_main:
         print(run_summary(recipe, cfg, last, trainer.step), flush=True)
-    return 0
+    return 0 if trainer.interrupted is None else 128 + trainer.interrupted
 
 
 def run_summary(recipe: Recipe, cfg: RecipeConfig, checkpoint: Path | None, step: int) -> str:
@@ -238,8 +321,8 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
             print(config_to_json(cfg))
             return 0
         if command == "train" and "train" not in recipe.commands:
-            return run_training(recipe, cfg)
+            return run_training(recipe, cfg, args.allow_config_change)
         return int(recipe.commands[command](cfg, positional) or 0)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a missing file or folder, a full disk, no permission
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """Reading trained generators back: one API for every recipe's checkpoints.
 
 * :func:`resolve_checkpoint` - a checkpoint folder as given, or a run folder's newest complete checkpoint
-  (completeness: :func:`dmd2.train.checkpoint.is_complete`, the rule resume uses).
+  (completeness: :func:`dmd2.train.checkpoint.verify_checkpoint`, the rule resume uses; a checkpoint written before
+  checkpoints carried a manifest is read with a warning that it could not be verified).
 * :func:`generator_state_dict` - the generator's plain state dict from ``ema.safetensors`` (read through
   :meth:`dmd2.core.EMA.module_state_dict`, old ``buffer::`` files too) or ``generator.safetensors``.
 * :func:`load_generator` - a ready :class:`Student` (weights loaded, eval mode, frozen, on ``device``)::
@@ -20,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..core import EMA, BackwardSimulationSampler
-from .checkpoint import is_complete, latest_checkpoint
+from .checkpoint import MANIFEST, latest_checkpoint, verify_checkpoint
 from .config import RECIPE_KEY, apply_overrides, config_from_dict
 
 __all__ = ["Student", "resolve_checkpoint", "generator_state_dict", "load_config", "load_generator", "WEIGHTS"]
@@ -37,15 +39,33 @@ __all__ = ["Student", "resolve_checkpoint", "generator_state_dict", "load_config
 WEIGHTS = ("ema", "generator")
 
 
+def _legacy(p: Path) -> bool:
+    """A checkpoint folder from before manifests (read, but it cannot be verified)."""
+    return (p.is_dir() and not (p / MANIFEST).exists() and (p / "state.pt").is_file()
+            and (p / "generator.safetensors").is_file())
+
+
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` itself when it is a complete checkpoint folder, else the newest complete checkpoint of the run
-    folder ``path``; ``ValueError`` when it is neither."""
+    """``path`` itself when it is a checkpoint folder that verifies, else the newest such checkpoint of the run
+    folder ``path``; ``ValueError`` when it is neither (the reason names the file). Checkpoints written before
+    manifests existed are taken with a warning."""
     p = Path(path)
-    if is_complete(p):
+    try:
+        verify_checkpoint(p)
         return p
+    except ValueError as e:
+        reason = e
+    if _legacy(p):
+        print(f"warning: {p}: no {MANIFEST} (written by an older dmd2); its files cannot be verified", file=sys.stderr)
+        return p
+    if not (p / "checkpoints").is_dir():
+        raise ValueError(f"{p}: neither a checkpoint folder nor a run folder holding one ({reason})")
     latest = latest_checkpoint(p)
     if latest is not None:
         return latest
+    legacy = sorted(c for c in (p / "checkpoints").glob("checkpoint-*") if _legacy(c))
+    if legacy:
+        return resolve_checkpoint(legacy[-1])
     raise ValueError(f"{p}: neither a complete checkpoint folder (RUN/checkpoints/checkpoint-XXXXXXXX holding state.pt "
                      f"and generator.safetensors) nor a run folder holding one")
 
