@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .config import (RecipeConfig, _plain, _value_text, apply_overrides, config_help, config_to_dict, config_to_json,
+from .config import (RECIPE_KEY, RecipeConfig, _plain, _value_text, apply_overrides, config_help, config_to_dict, config_to_json,
                      read_config_file)
 
 __all__ = ["Recipe", "main", "resolve_config", "run_training", "run_summary", "help_text", "check_resume_config",
@@ -213,6 +213,7 @@ def check_resume_config(cfg: RecipeConfig, checkpoint: Path, world_size: int = 1
         old_world = int(json.loads((checkpoint / MANIFEST).read_text()).get("world_size", 1))
     except (OSError, ValueError) as e:
         raise ValueError(f"{saved}: cannot read the checkpoint's config ({e})") from None
+    old.pop(RECIPE_KEY, None)  # the recipe's module name beside the sections, not a config key
     new = config_to_dict(cfg)
     if old.get("train", {}).get("grad_accum", 1) * old_world == cfg.train.grad_accum * world_size:
         new = {**new, "train": {**new["train"], "grad_accum": old["train"]["grad_accum"]}}

@@ -59,15 +59,16 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         print(f"warning: {p}: no {MANIFEST} (written by an older dmd2); its files cannot be verified", file=sys.stderr)
         return p
     if not (p / "checkpoints").is_dir():
-        raise ValueError(f"{p}: neither a checkpoint folder nor a run folder holding one ({reason})")
+        raise ValueError(f"{p}: neither a complete checkpoint folder (RUN/checkpoints/checkpoint-XXXXXXXX with a "
+                         f"{MANIFEST} that verifies) nor a run folder holding one ({reason})")
     latest = latest_checkpoint(p)
     if latest is not None:
         return latest
     legacy = sorted(c for c in (p / "checkpoints").glob("checkpoint-*") if _legacy(c))
     if legacy:
         return resolve_checkpoint(legacy[-1])
-    raise ValueError(f"{p}: neither a complete checkpoint folder (RUN/checkpoints/checkpoint-XXXXXXXX holding state.pt "
-                     f"and generator.safetensors) nor a run folder holding one")
+    raise ValueError(f"{p}: neither a complete checkpoint folder (RUN/checkpoints/checkpoint-XXXXXXXX with a "
+                     f"{MANIFEST} that verifies) nor a run folder holding one (none of its checkpoints verifies)")
 
 
 def generator_state_dict(ckpt: str | os.PathLike, weights: str = "ema") -> tuple[dict[str, torch.Tensor], str]:
