@@ -307,16 +307,16 @@ class ImageNet64Generator(nn.Module):
 
 def _checkpoint_dir(path: str | os.PathLike) -> Path:
     """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
-    from ..train.checkpoint import latest_checkpoint
+    from ..train.checkpoint import is_complete, latest_checkpoint
 
     p = Path(path)
-    if (p / "generator.safetensors").is_file() and (p / "config.json").is_file():
+    if is_complete(p) and (p / "config.json").is_file():
         return p
     if (p / "checkpoints").is_dir():
         latest = latest_checkpoint(p)
         if latest is not None:
             return latest
-    raise FileNotFoundError(f"{p}: not a checkpoint folder (expected generator.safetensors and config.json, e.g. "
+    raise FileNotFoundError(f"{p}: not a checkpoint folder (expected state.pt, config.json and generator.safetensors or sharded/, e.g. "
                             f"RUN/checkpoints/checkpoint-00200000) nor a run folder holding one")
 
 
@@ -331,15 +331,17 @@ def load_generator(ckpt: str | os.PathLike, weights: str = "generator", device: 
     from safetensors.torch import load_file
 
     from ..models.edm_pickle import check_state_dict_matches
+    from ..train.sharded import is_sharded, read_sharded
 
     if weights not in ("generator", "ema"):
         raise ValueError(f"weights must be 'generator' or 'ema', got {weights!r}")
     path = _checkpoint_dir(ckpt)
     cfg = config_from_dict(ImageNet64Config(), json.loads((path / "config.json").read_text()))
     f = path / f"{weights}.safetensors"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f} not found" + (" (the run kept no EMA: train.ema_decay=none)" if weights == "ema" else ""))
-    sd = load_file(str(f))
+    sd = (read_sharded(path, names=[weights], optimizers=False)[0].get(weights) if is_sharded(path)
+          else load_file(str(f)) if f.is_file() else None)
+    if sd is None:
+        raise FileNotFoundError(f"{path}: no {weights} weights" + (" (the run kept no EMA: train.ema_decay=none)" if weights == "ema" else ""))
     if weights == "ema":
         sd = {k.removeprefix("buffer::"): v for k, v in sd.items()}
     net = build_edm_adm(dataclasses.replace(cfg.model, dropout=0.0).adm(), sigma_data=cfg.model.sigma_data,

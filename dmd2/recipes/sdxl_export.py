@@ -40,16 +40,16 @@ TIMESTEP_SCALING = 1e6
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or the newest complete checkpoint of a run folder; ``ValueError`` if there is none."""
-    from ..train.checkpoint import latest_checkpoint
+    from ..train.checkpoint import is_complete, latest_checkpoint
 
     p = Path(path)
-    if (p / "state.pt").is_file() and (p / "generator.safetensors").is_file():
+    if is_complete(p):
         return p
     if (p / "checkpoints").is_dir():
         last = latest_checkpoint(p)
         if last is not None:
             return last
-    raise ValueError(f"{str(p)!r} is neither a complete checkpoint folder (state.pt + generator.safetensors) nor a run "
+    raise ValueError(f"{str(p)!r} is neither a complete checkpoint folder (state.pt + generator.safetensors or sharded/) nor a run "
                      "folder with OUT/checkpoints/checkpoint-XXXXXXXX/")
 
 
@@ -83,7 +83,7 @@ def load_student_unet(ckpt: str | Path, weights: str = "ema", fuse: bool = True)
     from .sdxl import SDXLConfig, base_path
 
     ckpt = resolve_checkpoint(ckpt)
-    sd, _, config = read_checkpoint(ckpt)
+    sd, _, config = read_checkpoint(ckpt, optimizers=False)
     if not config:
         raise ValueError(f"{ckpt}: no config.json; cannot tell which base model and memory mode the run used")
     cfg = config_from_dict(SDXLConfig(), config)
