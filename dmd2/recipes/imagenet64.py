@@ -196,17 +196,21 @@ def _open_data(cfg: ImageNet64Config):
     return ds
 
 
-def _load_teacher(cfg: ImageNet64Config) -> nn.Module:
+def _load_teacher(cfg: ImageNet64Config, meta: bool = False) -> nn.Module:
+    """The frozen teacher; ``meta``: its skeleton on the meta device, no weights read (FSDP2 ranks > 0, which
+    receive their shards from rank 0)."""
     t, m = cfg.teacher, cfg.model
     arch = dataclasses.replace(m, dropout=0.0).adm()
-    if t.random:
-        if t.path:
-            raise ValueError("set either teacher.path or teacher.random=true, not both")
+    if t.random and t.path:
+        raise ValueError("set either teacher.path or teacher.random=true, not both")
+    if not t.random and not t.path:
+        raise ValueError("teacher.path is required: EDM's edm-imagenet-64x64-cond-adm.pkl or its converted "
+                         ".safetensors (python -m dmd2.models.convert_edm IN.pkl OUT.safetensors)")
+    if meta:
+        net = build_edm_adm(arch, sigma_data=m.sigma_data, device="meta")
+    elif t.random:
         net = build_edm_adm(arch, sigma_data=m.sigma_data)
     else:
-        if not t.path:
-            raise ValueError("teacher.path is required: EDM's edm-imagenet-64x64-cond-adm.pkl or its converted "
-                             ".safetensors (python -m dmd2.models.convert_edm IN.pkl OUT.safetensors)")
         from ..models.edm_pickle import load_edm_adm
 
         net = load_edm_adm(t.path, config=arch, sigma_data=m.sigma_data)
@@ -240,7 +244,8 @@ def build(cfg: ImageNet64Config, info=None) -> Components:
     schedule = EDMSchedule(sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=m.sigma_data)
     sampler = BackwardSimulationSampler(schedule, cfg.sampler.grid(lambda n: student_grid(n, schedule)))
     dataset = _open_data(cfg)
-    teacher = _load_teacher(cfg)
+    loads = info is None or info.loads_weights  # under FSDP2 only rank 0 reads weights (DistInfo.loads_weights)
+    teacher = _load_teacher(cfg, meta=not loads)
     generator = copy.deepcopy(teacher).float().requires_grad_(True).train()
     if m.dropout:
         for mod in generator.modules():
@@ -249,7 +254,7 @@ def build(cfg: ImageNet64Config, info=None) -> Components:
     fake_score = copy.deepcopy(generator)
     gan_on = cfg.objective.gan_generator_weight > 0 or cfg.objective.gan_discriminator_weight > 0
     head = GANHead([fake_score.model.bottleneck_channels], hidden=cfg.gan.hidden, depth=cfg.gan.depth) if gan_on else None
-    if cfg.init.checkpoint:
+    if cfg.init.checkpoint and loads:
         _load_init(cfg, generator, fake_score, head)
     world = getattr(info, "world_size", 1)
     batches = IndexedBatches(dataset, shards=world * cfg.train.grad_accum, batch=cfg.train.batch_size, seed=cfg.data.seed)

@@ -230,7 +230,10 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     if not prompts_path:
         raise ValueError("data.prompts is empty; expected a .txt / .jsonl / .parquet file of prompts")
     prompts = read_prompts(prompts_path, key=d.prompt_key or None)
-    parts = load_sdxl(base_path(cfg), torch.float32, m.local_files_only)
+    # under FSDP2 only rank 0 reads the UNet's weights; the others build it on the meta device and receive their
+    # shards from rank 0 when the trainer wraps the networks (host memory per rank: the shards, not three UNets)
+    receives = info is not None and not info.loads_weights
+    parts = load_sdxl(base_path(cfg), torch.float32, m.local_files_only, meta_unet=receives)
     frozen = DTYPES[m.frozen_dtype]
     nets = build_networks(parts.unet, parts.schedule, parts.prediction_type, m.memory_mode, m.lora_rank, m.lora_alpha,
                           m.lora_targets, frozen).to(device)
