@@ -21,6 +21,7 @@ Both return ``(loss, logs)``; ``logs`` holds detached tensors (no host sync).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -80,8 +81,12 @@ class DMD2Config:
             if not (0.0 <= a <= b <= 1.0):
                 raise ValueError(f"DMD2Config: noise ranges must satisfy 0 <= min <= max <= 1, got ({a}, {b})")
         for name in ("dm_weight", "gan_generator_weight", "gan_discriminator_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"DMD2Config: {name} must be >= 0, got {getattr(self, name)}")
+            if not getattr(self, name) >= 0 or math.isinf(getattr(self, name)):  # NaN fails ">= 0"
+                raise ValueError(f"DMD2Config: {name} must be finite and >= 0, got {getattr(self, name)}")
+        if not (0 < self.dm_eps < math.inf):
+            raise ValueError(f"DMD2Config: dm_eps must be finite and > 0, got {self.dm_eps}")
+        if self.impl not in kernels.IMPLS:
+            raise ValueError(f"DMD2Config: impl must be one of {kernels.IMPLS}, got {self.impl!r}")
 
 
 class DMD2:

@@ -15,6 +15,7 @@ denoising loss). Value checks (``t`` in range) run only on CPU tensors, never fo
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 
 import torch
@@ -27,6 +28,16 @@ def expand_like(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return c.reshape(c.shape[0], *([1] * (x.dim() - 1)))
 
 
+def _check_pair(x: torch.Tensor, y: torch.Tensor, names: str, what: str) -> None:
+    """``y`` must have the shape of ``x`` exactly (no broadcasting), and both must be floating point."""
+    a, b = names.split(",")
+    if y.shape != x.shape:
+        raise ValueError(f"{what}: {b} must have the shape of {a} {tuple(x.shape)}, got {tuple(y.shape)}")
+    for n, v in ((a, x), (b, y)):
+        if not v.dtype.is_floating_point:
+            raise ValueError(f"{what}: {n} must be a floating-point tensor, got {v.dtype}")
+
+
 def _check_batch(t: torch.Tensor, x: torch.Tensor, what: str) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != 1:
         raise ValueError(f"{what}: t must be a 1-d tensor of shape (B,), got {getattr(t, 'shape', type(t))}")
@@ -34,6 +45,17 @@ def _check_batch(t: torch.Tensor, x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: batch size mismatch, t has B={t.shape[0]} but x has shape {tuple(x.shape)}")
     if t.device != x.device:
         raise ValueError(f"{what}: t is on {t.device} but x is on {x.device}; expected the same device")
+
+
+def _integer(v, what: str) -> int:
+    """``v`` as an int; ``ValueError`` for a non-integer value (999.9 is not rounded to 999)."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        return int(v)
+    if isinstance(v, numbers.Real) and math.isfinite(v) and float(v).is_integer():
+        return int(v)
+    raise ValueError(f"{what} must be an integer, got {v!r}")
 
 
 class NoiseSchedule(ABC):
@@ -72,8 +94,7 @@ class NoiseSchedule(ABC):
     # --- shared math -------------------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         r""":math:`x_t = \alpha(t) x_0 + \sigma(t) \epsilon`; ``x0``, ``noise``: ``(B, ...)``; ``t``: ``(B,)``. fp32 math."""
-        if noise.shape != x0.shape:
-            raise ValueError(f"add_noise: noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        _check_pair(x0, noise, "x0,noise", "add_noise")
         _check_batch(t, x0, "add_noise")
         self.check_t(t)
         a, s = expand_like(self.alpha(t), x0), expand_like(self.sigma(t), x0)
@@ -81,12 +102,14 @@ class NoiseSchedule(ABC):
 
     def x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         r""":math:`\hat x_0 = (x_t - \sigma \hat\epsilon) / \alpha` (epsilon-prediction to x0)."""
+        _check_pair(x_t, eps, "x_t,eps", "x0_from_eps")
         _check_batch(t, x_t, "x0_from_eps")
         a, s = expand_like(self.alpha(t), x_t), expand_like(self.sigma(t), x_t)
         return ((x_t.float() - s * eps.float()) / a).to(x_t.dtype)
 
     def eps_from_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         r""":math:`\hat\epsilon = (x_t - \alpha \hat x_0) / \sigma`."""
+        _check_pair(x_t, x0, "x_t,x0", "eps_from_x0")
         _check_batch(t, x_t, "eps_from_x0")
         a, s = expand_like(self.alpha(t), x_t), expand_like(self.sigma(t), x_t)
         return ((x_t.float() - a * x0.float()) / s).to(x_t.dtype)
@@ -94,6 +117,7 @@ class NoiseSchedule(ABC):
     def x0_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         r"""v-prediction (Salimans & Ho 2022): :math:`v = \alpha\epsilon - \sigma x_0`, so
         :math:`\hat x_0 = (\alpha x_t - \sigma v) / (\alpha^2 + \sigma^2)`."""
+        _check_pair(x_t, v, "x_t,v", "x0_from_v")
         _check_batch(t, x_t, "x0_from_v")
         a, s = expand_like(self.alpha(t), x_t), expand_like(self.sigma(t), x_t)
         return ((a * x_t.float() - s * v.float()) / (a * a + s * s)).to(x_t.dtype)
@@ -205,13 +229,13 @@ class VPSchedule(NoiseSchedule):
 
     def timesteps(self, values) -> list[int]:
         """Validate an inference grid given as integers (descending), e.g. SDXL 4-step ``[999, 749, 499, 249]``."""
-        vals = [int(v) for v in values]
+        vals = [_integer(v, "VPSchedule timestep") for v in values]
         if not vals or any(v < 0 or v > self.num_train_timesteps - 1 for v in vals):
             raise ValueError(f"VPSchedule: timesteps must be non-empty and lie in [0, {self.num_train_timesteps - 1}], got {vals}")
         return vals
 
     def time_tensor(self, value, batch: int, device) -> torch.Tensor:
-        return torch.full((batch,), int(value), dtype=torch.long, device=device)
+        return torch.full((batch,), _integer(value, "VPSchedule timestep"), dtype=torch.long, device=device)
 
     def prior(self, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return noise
@@ -233,6 +257,9 @@ class EDMSchedule(NoiseSchedule):
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, sigma_data: float = 0.5,
                  num_grid: int = 1000):
+        if not all(math.isfinite(v) for v in (sigma_min, sigma_max, rho, sigma_data)):
+            raise ValueError(f"EDMSchedule: sigma_min, sigma_max, rho and sigma_data must be finite, got "
+                             f"{sigma_min}, {sigma_max}, {rho}, {sigma_data}")
         if not (0 < sigma_min < sigma_max):
             raise ValueError(f"EDMSchedule: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         if rho <= 0 or sigma_data <= 0 or num_grid < 2:

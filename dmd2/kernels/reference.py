@@ -78,7 +78,9 @@ def cfg(uncond: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tensor) -
     r"""Classifier-free guidance in the standard form :math:`u + s\,(c - u)` (Ho & Salimans 2022).
 
     ``scale=1`` returns ``cond``; ``scale=0`` returns ``uncond``. Math in float32, result in ``cond``'s dtype.
-    ``scale`` may be a float or a tensor broadcastable against ``(B, ...)`` (e.g. per-sample ``(B, 1, 1, 1)``).
+    ``scale``: a number, a 0-d tensor, a per-sample ``(B,)`` tensor, or a tensor of ``cond``'s rank whose every
+    dimension is 1 or ``cond``'s (e.g. ``(B, 1, 1, 1)``); any other shape is refused (a ``(B,)`` scale is never
+    broadcast along the last dimension).
     """
     if uncond.shape != cond.shape:
         raise ValueError(f"cfg: uncond and cond must have the same shape, got {tuple(uncond.shape)} and {tuple(cond.shape)}")
@@ -86,6 +88,12 @@ def cfg(uncond: torch.Tensor, cond: torch.Tensor, scale: float | torch.Tensor) -
         raise ValueError(
             f"cfg: uncond and cond must share dtype and device, got {uncond.dtype}/{uncond.device} and {cond.dtype}/{cond.device}"
         )
+    if isinstance(scale, torch.Tensor) and scale.dim() > 0:
+        if scale.dim() == 1 and cond.dim() > 1 and scale.shape[0] == cond.shape[0]:
+            scale = scale.reshape(-1, *([1] * (cond.dim() - 1)))
+        elif scale.dim() != cond.dim() or any(s not in (1, n) for s, n in zip(scale.shape, cond.shape)):
+            raise ValueError(f"cfg: scale must be a number, a 0-d tensor, a per-sample (B,) = ({cond.shape[0]},) tensor "
+                             f"or of cond's rank with each dim 1 or cond's {tuple(cond.shape)}; got {tuple(scale.shape)}")
     u, c = uncond.float(), cond.float()
     return (u + scale * (c - u)).to(cond.dtype)
 

@@ -5,7 +5,8 @@
 Writes the tensors of network ``--key`` (default ``ema``) with EDM's names (``model.map_layer0.weight``, ...) and
 metadata (class names, ``sigma_data``, constructor kwargs as JSON). When the network is EDM's ADM (``DhariwalUNet``)
 the result is checked against :class:`dmd2.models.adm.ADMNet` built from the recorded kwargs (names and shapes).
-Exit status 2 when the file is refused or does not match.
+Exit status 2 when the file is refused (a global outside the allow-list, a storage that would expand beyond the
+bytes it occupies, constructor kwargs outside :data:`~dmd2.models.edm_pickle.EDM_KWARG_RANGES`) or does not match.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import argparse
 import json
 import sys
 
-from .edm_pickle import EDMPickleRefused, adm_config_from_edm_kwargs, check_state_dict_matches, convert_edm_pickle
+from .edm_pickle import adm_config_from_edm_kwargs, check_state_dict_matches, convert_edm_pickle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         meta = convert_edm_pickle(args.input, args.output, key=args.key)
-    except (EDMPickleRefused, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # EDMPickleRefused is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     from safetensors.torch import load_file

@@ -49,6 +49,9 @@ __all__ = [
     "edm_network_state_dict",
     "convert_edm_pickle",
     "adm_config_from_edm_kwargs",
+    "check_edm_kwargs",
+    "EDM_KWARG_RANGES",
+    "MAX_STORAGE_BYTES",
     "load_edm_adm",
     "check_state_dict_matches",
 ]
@@ -126,8 +129,62 @@ def _check_int_tuple(v: Any, what: str, source: str) -> tuple[int, ...]:
     return tuple(v)
 
 
-def _make_standins(source: str) -> dict[tuple[str, str], Any]:
-    """Fresh stand-ins for one load (classes included, so attribute tampering cannot outlive it)."""
+#: default cap on the bytes of all tensor storages of one pickle (EDM's ImageNet-64 ADM holds 1.2 GB)
+MAX_STORAGE_BYTES = 16 * 2**30
+
+
+def _pickle_end(f: io.BytesIO) -> None:
+    """Advance ``f`` past one pickle without running it (``pickletools.genops`` only decodes opcodes)."""
+    import pickletools
+
+    for op, _, _ in pickletools.genops(f):
+        if op.name == "STOP":
+            return
+
+
+def _storage_bytes(blob: bytes, source: str) -> int:
+    """The bytes a ``torch.save`` storage blob will allocate, checked against what the blob holds, before
+    ``torch.load`` allocates anything.
+
+    Zip format: every entry STORED (``torch.save`` never compresses; a DEFLATE entry can expand a thousandfold) with
+    its declared size equal to its compressed size, all of them within the blob. Legacy format (what
+    ``Storage.__reduce__`` writes): five pickles, then one storage record ``int64 numel`` + ``numel * itemsize``
+    bytes, which must fill the rest of the blob exactly.
+    """
+    import zipfile
+
+    f = io.BytesIO(blob)
+    if zipfile.is_zipfile(f):
+        with zipfile.ZipFile(f) as z:
+            infos = z.infolist()
+        for i in infos:
+            if i.compress_type != zipfile.ZIP_STORED or i.file_size != i.compress_size:
+                raise _refuse(source, f"a storage blob's zip entry {i.filename!r} is compressed (declares "
+                                      f"{i.file_size} bytes from {i.compress_size}); torch.save writes stored entries")
+        total = sum(i.file_size for i in infos)
+        if total > len(blob):
+            raise _refuse(source, f"a storage blob's zip entries declare {total} bytes but the blob has {len(blob)}")
+        return total
+    f.seek(0)
+    try:
+        for _ in range(5):  # magic number, protocol version, system info, the object, the storage keys
+            _pickle_end(f)
+    except Exception as e:
+        raise _refuse(source, f"a storage blob is neither a zip nor a legacy torch.save stream ({e})") from None
+    rest = len(blob) - f.tell()
+    if rest == 0:
+        return 0
+    numel = int.from_bytes(f.read(8), "little") if rest >= 8 else -1
+    data = rest - 8
+    if numel < 0 or not any(numel * k == data for k in (1, 2, 4, 8)) or (numel == 0 and data != 0):
+        raise _refuse(source, f"a storage blob declares {numel} elements but holds {max(data, 0)} data bytes")
+    return data
+
+
+def _make_standins(source: str, max_bytes: int = MAX_STORAGE_BYTES) -> dict[tuple[str, str], Any]:
+    """Fresh stand-ins for one load (classes included, so attribute tampering cannot outlive it); the storages of
+    one load may total at most ``max_bytes``."""
+    used = [0]
 
     def reconstruct_persistent_obj(meta):
         if not isinstance(meta, dict) or meta.get("type") != "class":
@@ -146,6 +203,10 @@ def _make_standins(source: str) -> dict[tuple[str, str], Any]:
     def load_from_bytes(blob):
         if not isinstance(blob, (bytes, bytearray)):
             raise _refuse(source, f"storage payload must be bytes, got {type(blob).__name__}")
+        used[0] += _storage_bytes(bytes(blob), source)
+        if used[0] > max_bytes:
+            raise _refuse(source, f"its tensor storages exceed {max_bytes} bytes in total (max_bytes); "
+                                  f"not a network this loader expects")
         try:
             storage = torch.load(io.BytesIO(bytes(blob)), weights_only=True, map_location="cpu")
         except Exception as e:  # weights_only refuses any non-tensor global inside the blob
@@ -245,10 +306,10 @@ def _make_standins(source: str) -> dict[tuple[str, str], Any]:
 class SafeEDMUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that resolves only :data:`ALLOWED_GLOBALS` (to stand-ins) and refuses the rest."""
 
-    def __init__(self, file: BinaryIO, source: str = "<stream>"):
+    def __init__(self, file: BinaryIO, source: str = "<stream>", max_bytes: int = MAX_STORAGE_BYTES):
         super().__init__(file)
         self.source = source
-        self._standins = _make_standins(source)
+        self._standins = _make_standins(source, max_bytes)
 
     def find_class(self, module: str, name: str) -> Any:
         key = (module, name)
@@ -264,19 +325,21 @@ class SafeEDMUnpickler(pickle.Unpickler):
         raise _refuse(self.source, "persistent ids are not used by EDM pickles")
 
 
-def load_edm_pickle(path_or_file: str | os.PathLike | BinaryIO) -> Any:
+def load_edm_pickle(path_or_file: str | os.PathLike | BinaryIO, max_bytes: int = MAX_STORAGE_BYTES) -> Any:
     """Unpickle an EDM ``.pkl`` safely; modules come back as :class:`PersistentObject` / :class:`TorchModuleRecord`.
 
-    Raises :class:`EDMPickleRefused` (a ``ValueError``) for any disallowed global, and ``FileNotFoundError`` for a
-    missing path.
+    Each storage blob is bounds-checked before it is decoded (:func:`_storage_bytes`: nothing expands beyond the
+    bytes it occupies), and all storages together may hold at most ``max_bytes``.
+    Raises :class:`EDMPickleRefused` (a ``ValueError``) for any disallowed global or bound, and ``FileNotFoundError``
+    for a missing path.
     """
     if isinstance(path_or_file, (str, os.PathLike)):
         path = os.fspath(path_or_file)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"EDM pickle not found: {path}")
         with open(path, "rb") as f:
-            return SafeEDMUnpickler(f, source=repr(path)).load()
-    return SafeEDMUnpickler(path_or_file).load()
+            return SafeEDMUnpickler(f, source=repr(path), max_bytes=max_bytes).load()
+    return SafeEDMUnpickler(path_or_file, max_bytes=max_bytes).load()
 
 
 def _module_state(obj: Any, where: str) -> dict:
@@ -365,6 +428,8 @@ def edm_network_state_dict(path_or_file, key: str = "ema") -> tuple[dict[str, to
         meta["model_class_name"] = inner.class_name
         kw = _init_kwargs(inner)
         if kw is not None:
+            if inner.class_name == "DhariwalUNet":
+                check_edm_kwargs(kw)
             meta["model_init_kwargs"] = json.dumps(kw, sort_keys=True)
     return sd, meta
 
@@ -384,11 +449,38 @@ def convert_edm_pickle(in_path, out_path, key: str = "ema") -> dict[str, str]:
     return meta
 
 
+#: inclusive bounds on the integer ``DhariwalUNet`` kwargs a pickle may record, checked before a network is built;
+#: EDM's released ImageNet-64 ADM (``dmd2/models/manifests/edm_imagenet64_adm.json``: resolution 64, 1,000 labels,
+#: 192 channels, mults (1, 2, 3, 4), 3 blocks) lies well inside. ``channel_mult`` / ``attn_resolutions``: at most
+#: 8 entries, each mult in [1, 16].
+EDM_KWARG_RANGES = {"img_resolution": (1, 1024), "in_channels": (1, 64), "out_channels": (1, 64),
+                    "label_dim": (0, 100_000), "augment_dim": (0, 64), "model_channels": (1, 1024),
+                    "channel_mult_emb": (1, 16), "num_blocks": (1, 16), "channels_per_head": (1, 1024)}
+
+
+def check_edm_kwargs(model_kwargs: dict) -> None:
+    """``ValueError`` naming the first constructor kwarg outside :data:`EDM_KWARG_RANGES` (a hostile or corrupt
+    pickle could otherwise make the builder allocate without bound)."""
+    for k, (lo, hi) in EDM_KWARG_RANGES.items():
+        v = model_kwargs.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi):
+            raise ValueError(f"EDM DhariwalUNet kwarg {k}={v!r} is outside [{lo}, {hi}]; refusing to build it")
+    for k in ("channel_mult", "attn_resolutions"):
+        v = model_kwargs.get(k)
+        if v is None:
+            continue
+        if not isinstance(v, (list, tuple)) or len(v) > 8 or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise ValueError(f"EDM DhariwalUNet kwarg {k}={v!r}: expected at most 8 integers; refusing to build it")
+        if k == "channel_mult" and not all(1 <= i <= 16 for i in v):
+            raise ValueError(f"EDM DhariwalUNet kwarg channel_mult={v!r}: each entry must lie in [1, 16]")
+
+
 def adm_config_from_edm_kwargs(model_kwargs: dict):
     """:class:`~dmd2.models.adm.ADMConfig` from EDM ``DhariwalUNet`` constructor kwargs (``in_channels`` /
     ``out_channels`` -> ``img_channels``; omitted ones take DhariwalUNet's defaults, which are ADMConfig's)."""
     from .adm import ADMConfig
 
+    check_edm_kwargs(model_kwargs)
     kw = dict(model_kwargs)
     cin, cout = kw.pop("in_channels", None), kw.pop("out_channels", None)
     if cin is not None or cout is not None:

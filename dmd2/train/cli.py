@@ -10,15 +10,18 @@ config as JSON and writes nothing. Bad input (unknown key, preset or command) pr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .config import RecipeConfig, apply_overrides, config_to_json
+from .config import RecipeConfig, apply_overrides, config_to_dict, config_to_json
 
-__all__ = ["Recipe", "main", "resolve_config", "run_training"]
+__all__ = ["Recipe", "main", "resolve_config", "run_training", "check_resume_config", "config_diff", "RESUME_FREE_KEYS"]
 
 
 @dataclass
@@ -52,6 +55,8 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in OUT) or a checkpoint folder")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit, writing nothing")
     p.add_argument("--steps", type=int, default=None, help="student sampling steps (sampler.steps)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume although the config differs from the checkpoint's (the differences are printed)")
     return p
 
 
@@ -77,25 +82,96 @@ def resolve_config(recipe: Recipe, preset: str | None = None, overrides: Sequenc
     return cfg
 
 
-def run_training(recipe: Recipe, cfg: RecipeConfig) -> int:
-    """``train``: join the torchrun job if any, build the components, train (resuming per ``train.resume``)."""
+#: keys a resume may change without ``--allow-config-change``: how long the run goes, where it writes, how often it
+#: reports, how it is launched (a checkpoint resumes on any number of ranks); every other key changes the run itself
+RESUME_FREE_KEYS = ("train.max_steps", "train.out", "train.resume", "train.progress", "train.checkpoint_every",
+                    "train.keep_last", "train.log_every", "train.sample_every", "train.device", "train.distributed",
+                    "train.grad_checkpointing", "train.checkpoint_format", "eval.")
+
+
+def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """``["key: old -> new", ...]`` between two nested config dicts (keys in either), skipping
+    :data:`RESUME_FREE_KEYS` (an entry ending in ``.`` is a whole section)."""
+    out = []
+    for k in [*old, *(k for k in new if k not in old)]:
+        key = prefix + str(k)
+        if key in RESUME_FREE_KEYS or any(f.endswith(".") and key.startswith(f) for f in RESUME_FREE_KEYS):
+            continue
+        a, b = old.get(k, "(absent)"), new.get(k, "(absent)")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_diff(a, b, key + ".")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            out.append(f"{key}: {json.dumps(a) if not isinstance(a, str) or a == '(absent)' else repr(a)} -> "
+                       f"{json.dumps(b) if not isinstance(b, str) or b == '(absent)' else repr(b)}")
+    return out
+
+
+def check_resume_config(cfg: RecipeConfig, checkpoint: Path, world_size: int = 1, allow_change: bool = False) -> list[str]:
+    """Compare the run's config with the one saved in ``checkpoint``: ``ValueError`` listing the changed keys unless
+    ``allow_change`` (then the differences are returned, for the log). ``train.grad_accum`` may change with the
+    number of ranks when the global batch (``grad_accum * world_size``) stays the same."""
+    from .checkpoint import MANIFEST
+
+    saved = checkpoint / "config.json"
+    try:
+        old = json.loads(saved.read_text())
+        old_world = int(json.loads((checkpoint / MANIFEST).read_text()).get("world_size", 1))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{saved}: cannot read the checkpoint's config ({e})") from None
+    new = config_to_dict(cfg)
+    if old.get("train", {}).get("grad_accum", 1) * old_world == cfg.train.grad_accum * world_size:
+        new = {**new, "train": {**new["train"], "grad_accum": old["train"]["grad_accum"]}}
+    diff = config_diff(old, new)
+    if diff and not allow_change:
+        raise ValueError(f"resuming from {checkpoint} with a different config ({'; '.join(diff)}); resume with the "
+                         f"same settings, or pass --allow-config-change to continue with the new ones")
+    return diff
+
+
+def run_training(recipe: Recipe, cfg: RecipeConfig, allow_config_change: bool = False) -> int:
+    """``train``: join the torchrun job if any, lock the run folder (rank 0), resolve and check ``train.resume``,
+    build the components, train. Returns 0, or ``128 + signal`` when SIGTERM / SIGINT interrupted the run (a
+    checkpoint was written; nothing that follows training, such as an evaluation, should run)."""
     import torch.distributed as dist
 
-    from .checkpoint import resolve_resume
-    from .distributed import init_distributed
+    from .checkpoint import RunFolderLocked, hold_run_folder, latest_checkpoint, resolve_resume
+    from .distributed import any_rank, init_distributed
     from .trainer import Trainer
 
     info = init_distributed(cfg.train.distributed, cfg.train.device)
+    out = Path(cfg.train.out)
     try:
-        torch.manual_seed(cfg.train.seed)
-        components = recipe.build(cfg, info)
-        trainer = Trainer(cfg, components, info, cfg.train.out)
-        resume = resolve_resume(cfg.train.out, cfg.train.resume)
-        trainer.train(resume)
+        with contextlib.ExitStack() as stack:
+            refused = None
+            if info.is_main:
+                try:
+                    stack.enter_context(hold_run_folder(out))
+                except RunFolderLocked as e:
+                    refused = e
+            if any_rank(refused is not None, info):
+                raise refused or RunFolderLocked(f"run folder {out} is in use by another run (see rank 0)")
+            if cfg.train.resume == "auto":
+                skipped = []
+                resume = latest_checkpoint(out, report=lambda msg: skipped.append(msg) or (
+                    info.is_main and print(f"warning: {msg}", file=sys.stderr, flush=True)))
+                if resume is None and skipped:
+                    raise ValueError(f"--resume auto: no checkpoint in {out / 'checkpoints'} verifies ({len(skipped)} "
+                                     f"skipped, reasons above); pass --resume PATH, or move them away to start afresh")
+            else:
+                resume = resolve_resume(out, cfg.train.resume)
+            if resume is not None:
+                diff = check_resume_config(cfg, resume, info.world_size, allow_config_change)
+                if diff and info.is_main:
+                    print(f"config changed at resume (--allow-config-change): {'; '.join(diff)}", file=sys.stderr,
+                          flush=True)
+            torch.manual_seed(cfg.train.seed)
+            components = recipe.build(cfg, info)
+            trainer = Trainer(cfg, components, info, out)
+            trainer.train(resume)
+            return 0 if trainer.interrupted is None else 128 + trainer.interrupted
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
@@ -121,8 +197,8 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
             print(config_to_json(cfg))
             return 0
         if command == "train":
-            return run_training(recipe, cfg)
+            return run_training(recipe, cfg, args.allow_config_change)
         return int(recipe.commands[command](cfg, positional) or 0)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a missing file or folder, a full disk, no permission
         print(f"error: {e}", file=sys.stderr)
         return 2

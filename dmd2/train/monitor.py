@@ -2,13 +2,16 @@
 grids in ``OUT/samples/step-XXXXXXXX.png``.
 
 ``log.jsonl`` holds one JSON object per logged iteration (``"step"`` = completed iterations, losses, learning
-rates, grad norms, samples/s, peak memory). On resume, entries after the checkpoint's step are dropped first, so
-the file always reads as one uninterrupted run.
+rates, grad norms, samples/s, peak memory). It is only ever appended to, one whole line per write; on resume,
+entries after the checkpoint's step are dropped first (through a temporary file and a rename), so the file always
+reads as one uninterrupted run.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,13 +71,40 @@ class RunMonitor:
             self.bar = tqdm(total=max_steps, initial=start_step, desc="dmd2", unit="it", dynamic_ncols=True)
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the records up to ``step``: the kept lines go to ``log.jsonl.tmp``, which then replaces the log in one
+        rename (a kill leaves the old file or the new one, never a cut). A torn last line (a kill mid-append) is
+        dropped with a warning; a bad line elsewhere is an error naming the file and line."""
         if not self.log_path.is_file():
             return
-        keep = []
-        for line in self.log_path.read_text().splitlines():
-            if line.strip() and json.loads(line)["step"] <= step:
-                keep.append(line)
-        self.log_path.write_text("".join(k + "\n" for k in keep))
+        data = self.log_path.read_bytes()
+        lines = data.split(b"\n")
+        keep, changed = [], False
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                at = int(rec["step"])
+            except (ValueError, KeyError, TypeError):
+                if i == len(lines) - 1:  # no newline after it: a cut append
+                    print(f"warning: {self.log_path}: dropping a torn last line ({len(line)} bytes)", file=sys.stderr,
+                          flush=True)
+                    changed = True
+                    continue
+                raise ValueError(f"{self.log_path}:{i + 1}: not a JSON record with a 'step' (the run's log is "
+                                 f"damaged; move it away to start a new one)") from None
+            if at <= step:
+                keep.append(line + b"\n")
+            else:
+                changed = True
+        if not changed and data.endswith(b"\n") or not data:
+            return
+        tmp = self.log_path.with_name(self.log_path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(b"".join(keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.log_path)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

@@ -105,13 +105,35 @@ def _metadata(path: Path):
     return md
 
 
+def _agree_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """``ValueError`` on every rank when any rank's pieces hold a NaN/inf (the rank that found it names the tensor)."""
+    import torch.distributed as dist
+
+    from .checkpoint import _check_finite
+
+    local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in tensors.items()}
+    try:
+        _check_finite(local, path / SHARDED_DIR)
+        err = None
+    except ValueError as e:
+        err = e
+    bad = torch.tensor([err is not None], dtype=torch.int32)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if err is not None:
+        raise err
+    if bad.item():
+        raise ValueError(f"{path / SHARDED_DIR}: another rank's pieces hold non-finite values; refusing to resume from it")
+
+
 def load_sharded(path: str | Path, state: Mapping, modules: Mapping[str, nn.Module],
                  optimizers: Mapping[str, tuple[nn.Module, torch.optim.Optimizer]], ema=None) -> None:
     """Every rank (collective when a process group is up): fill ``modules``, ``optimizers`` and ``ema`` (as
     wrapped for this run, e.g. FSDP2-sharded over any number of ranks) from the checkpoint folder ``path``; ``state``
     is its ``state.pt``. Each rank reads only the pieces of its own shards.
 
-    Raises ``ValueError`` naming the tensors that the run has and the checkpoint lacks.
+    Raises ``ValueError`` naming the tensors that the run has and the checkpoint lacks (or the reverse, or whose
+    shapes differ), and, on every rank, when a piece read holds a NaN/inf.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict, set_optimizer_state_dict
@@ -145,8 +167,15 @@ def load_sharded(path: str | Path, state: Mapping, modules: Mapping[str, nn.Modu
     missing = sorted(set(want) - set(md))
     if missing:
         raise ValueError(f"{path}: sharded checkpoint lacks {len(missing)} tensor(s) of this run, e.g. {missing[:3]}")
+    files = [*modules, *(["ema"] if ema is not None else [])]
+    unexpected = sorted(k for k in md if k.startswith(_MODEL + "/") and k.split("/")[1] in files and k not in want)
+    shapes = [f"{k} {tuple(md[k].size)} vs {tuple(want[k].shape)}" for k in sorted(want) if tuple(md[k].size) != tuple(want[k].shape)]
+    if unexpected or shapes:
+        raise ValueError(f"{path}: sharded checkpoint does not fit this run (a checkpoint of another recipe or width?): "
+                         f"unexpected {unexpected[:3]} ({len(unexpected)}), shapes (file vs run) {shapes[:3]} ({len(shapes)})")
     with _single_process_ok():
         dcp.load(want, storage_reader=dcp.FileSystemReader(str(path / SHARDED_DIR)))
+    _agree_finite(path, want)
     for name, module in modules.items():
         set_model_state_dict(module, models[name])
     if ema is not None:

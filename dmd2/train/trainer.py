@@ -133,6 +133,19 @@ def _local(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _check_fits(module, sd: dict[str, torch.Tensor], file: Path) -> None:
+    """``ValueError`` naming ``file`` unless ``sd`` has exactly ``module.state_dict()``'s names and shapes."""
+    ours = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in sd.items()}
+    if ours == theirs:
+        return
+    missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    shapes = [f"{k} {theirs[k]} vs {ours[k]}" for k in sorted(set(ours) & set(theirs)) if ours[k] != theirs[k]]
+    raise ValueError(f"{file} does not fit this run's {type(module).__name__} (a checkpoint of another recipe or "
+                     f"width?): missing {missing[:3]} ({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)}), "
+                     f"shapes (file vs run) {shapes[:3]} ({len(shapes)})")
+
+
 def _adamw(params, **kw) -> torch.optim.AdamW:
     """AdamW with PyTorch's fused kernel (one pass over every parameter: on CPU about 8x faster than the per-tensor
     loop for a network of ~150 small tensors) when every parameter is a floating-point CPU / CUDA tensor; the default
@@ -212,7 +225,9 @@ class Trainer:
         self._cnt: dict[str, int] = {}
         self._bad: dict[str, torch.Tensor] = {}
         self._last_norms: dict[str, torch.Tensor] = {}
-        self._stop_signal = False
+        self._stop_signal = 0  # the number of the signal that asked the run to stop
+        #: after :meth:`train`: the number of the signal (SIGTERM / SIGINT) that interrupted it, else None
+        self.interrupted: int | None = None
         self._window_start = time.perf_counter()
         self._window_steps = 0
         self.monitor: RunMonitor | None = None
@@ -510,6 +525,7 @@ class Trainer:
         from . import sharded
 
         if sharded.is_sharded(path):
+            ckpt.verify_checkpoint(path, checksums=False)  # sizes; --resume verified the checksums
             state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
             sharded.load_sharded(path, state, self._trained_modules(), self._optimizers(), self.ema)
         else:
@@ -525,6 +541,7 @@ class Trainer:
         for name, module in self._trained_modules().items():
             if name not in weights:
                 raise ValueError(f"{path}: missing {name}.safetensors")
+            _check_fits(module, weights[name], Path(path) / f"{name}.safetensors")
             if fsdp:
                 set_model_state_dict(module, weights[name], options=opts)
             else:
@@ -532,6 +549,7 @@ class Trainer:
         if self.ema is not None:
             if "ema" not in weights:
                 raise ValueError(f"{path}: missing ema.safetensors (train.ema_decay is set)")
+            _check_fits(self.ema, weights["ema"], Path(path) / "ema.safetensors")
             self._load_ema(weights["ema"])
         for name, (module, opt) in self._optimizers().items():
             set_optimizer_state_dict(module, opt, state["optimizers"][name], options=opts)
@@ -572,47 +590,63 @@ class Trainer:
             local[k] = v
         self.ema.load_state_dict(local)
 
-    # -- the loop ----------------------------------------------------------------------------------------------
-    def _on_sigterm(self, signum, frame):
-        self._stop_signal = True
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        if self._stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        self._stop_signal = signum
 
     def train(self, resume: str | Path | None = None) -> Path | None:
         """Run to ``train.max_steps`` (resuming from ``resume``, a checkpoint folder, if given).
 
-        Checkpoints every ``checkpoint_every`` iterations, at ``max_steps`` and on SIGTERM (then returns early).
+        Rank 0 holds the run folder's lock (:func:`~dmd2.train.checkpoint.hold_run_folder`) throughout and first
+        deletes stale ``.tmp`` / ``.trash`` checkpoint folders. Checkpoints every ``checkpoint_every`` iterations and at
+        ``max_steps``. On SIGTERM or SIGINT (a second SIGINT raises ``KeyboardInterrupt`` at once) the iteration in
+        progress finishes, a checkpoint is written, and it returns without sampling; :attr:`interrupted` is then the
+        signal's number (``None`` after a complete run), and :func:`~dmd2.train.run_training` exits with
+        ``128 + signal`` (143 for SIGTERM, 130 for SIGINT) so that nothing runs after an interrupted run.
         Returns the last checkpoint's path (rank 0).
         """
         t = self.cfg.train
-        if resume is not None:
-            self.load(resume)
-        self.monitor = RunMonitor(self.out, self.info.is_main, self.step, t.max_steps, progress=t.progress)
-        if self.info.is_main:
-            (self.out / "config.json").write_text(config_to_json(self.cfg))
+        self.interrupted = None
+        with contextlib.ExitStack() as stack:
+            if self.info.is_main:
+                stack.enter_context(ckpt.hold_run_folder(self.out))
+                ckpt.remove_stale(self.out)
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    stack.callback(signal.signal, sig, signal.signal(sig, self._on_signal))
             if resume is not None:
-                self.monitor.write(f"resumed from {resume} at iteration {self.step}")
-        old = None
-        if threading.current_thread() is threading.main_thread():
-            old = signal.signal(signal.SIGTERM, self._on_sigterm)
+                self.load(resume)
+            self.monitor = RunMonitor(self.out, self.info.is_main, self.step, t.max_steps, progress=t.progress)
+            stack.callback(self.monitor.close)
+            if self.info.is_main:
+                (self.out / "config.json").write_text(config_to_json(self.cfg))
+                if resume is not None:
+                    self.monitor.write(f"resumed from {resume} at iteration {self.step}")
+            return self._loop()
+
+    def _loop(self) -> Path | None:
+        t = self.cfg.train
         last = None
         self._window_start = time.perf_counter()
-        try:
-            while self.step < t.max_steps:
-                self.train_step()
-                self._window_steps += 1
-                self.monitor.advance()
-                s = self.step
-                if s % t.log_every == 0 or s == t.max_steps:
-                    self._log()
-                if t.sample_every and s % t.sample_every == 0:
-                    self.samples()
-                stop = any_rank(self._stop_signal, self.info)
-                if s % t.checkpoint_every == 0 or s == t.max_steps or stop:
-                    last = self.save()
-                if stop:
-                    self.monitor.write(f"SIGTERM: checkpoint written at iteration {s}; stopping")
-                    break
-        finally:
-            if old is not None:
-                signal.signal(signal.SIGTERM, old)
-            self.monitor.close()
+        while self.step < t.max_steps:
+            self.train_step()
+            self._window_steps += 1
+            self.monitor.advance()
+            s = self.step
+            if s % t.log_every == 0 or s == t.max_steps:
+                self._log()
+            stop = any_rank(bool(self._stop_signal), self.info)
+            if t.sample_every and s % t.sample_every == 0 and not stop:
+                self.samples()
+            if s % t.checkpoint_every == 0 or s == t.max_steps or stop:
+                last = self.save()
+            if stop:
+                self.interrupted = int(self._stop_signal or signal.SIGTERM)  # SIGTERM: the signal went to another rank
+                self.monitor.write(f"{signal.Signals(self.interrupted).name}: checkpoint written at iteration {s}; "
+                                   f"stopping (exit code {128 + self.interrupted})")
+                return last
+        if any_rank(bool(self._stop_signal), self.info):  # the signal came during the last iteration's checkpoint
+            self.interrupted = int(self._stop_signal or signal.SIGTERM)
         return last

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -121,3 +123,18 @@ def test_cfg_denoiser_one_batched_call(scale):
     assert rec.calls == [6]  # cond and uncond in ONE forward of 2B
     u, c = torch.zeros_like(x), x * cond[:, None]
     torch.testing.assert_close(out, u + scale * (c - u))
+
+
+def test_cfg_scale_shapes():
+    """A (B,) scale is per sample even when B equals the last dimension; other non-broadcast shapes are refused."""
+    from dmd2.core import cfg
+
+    u, c = torch.zeros(4, 3, 4, 4), torch.ones(4, 3, 4, 4)
+    s = torch.tensor([1.0, 2.0, 3.0, 4.0])  # B == width == 4
+    out = cfg(u, c, s)
+    torch.testing.assert_close(out, s.view(4, 1, 1, 1).expand(4, 3, 4, 4))  # per sample, not along the width
+    torch.testing.assert_close(cfg(u, c, s.view(4, 1, 1, 1)), out)
+    torch.testing.assert_close(cfg(u, c, torch.tensor(2.0)), 2 * c)
+    for bad in [(4, 4), (3,), (4, 1, 1), (2, 1, 1, 1), (1, 1, 1, 1, 1)]:
+        with pytest.raises(ValueError, match=rf"cfg: scale must be .* got {re.escape(str(bad))}"):
+            cfg(u, c, torch.ones(bad))

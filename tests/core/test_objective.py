@@ -139,3 +139,15 @@ def test_gan_weights_need_a_head():
         DMD2(None, None, None, sch, BackwardSimulationSampler(sch, [80.0]), config=DMD2Config(gan_generator_weight=1e-3))
     with pytest.raises(ValueError, match="gan_layers"):
         DMD2(None, EDMPrecond(ConvNet()), None, sch, BackwardSimulationSampler(sch, [80.0]), gan_head=GANHead([8]))
+
+
+@pytest.mark.parametrize("kw,match", [(dict(impl="bogus"), "impl must be one of"),
+                                      (dict(dm_weight=float("nan")), "dm_weight must be finite"),
+                                      (dict(gan_generator_weight=float("inf")), "gan_generator_weight must be finite"),
+                                      (dict(dm_eps=-1.0), "dm_eps must be finite and > 0"),
+                                      (dict(dm_eps=float("nan")), "dm_eps must be finite and > 0")])
+def test_config_refuses_bad_values(kw, match):
+    from dmd2.core import DMD2Config
+
+    with pytest.raises(ValueError, match=match):
+        DMD2Config(**kw)

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -91,3 +92,38 @@ def test_out_of_range_and_wrong_types_are_value_errors():
         vp.add_noise(x, x, torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="min_frac"):
         vp.sample_t(4, 0.9, 0.1)
+
+
+@pytest.mark.parametrize("sched", [VPSchedule.scaled_linear(), EDMSchedule()])
+@pytest.mark.parametrize("fn", ["x0_from_eps", "eps_from_x0", "x0_from_v"])
+@pytest.mark.parametrize("bad", [(2, 1, 4, 4), (3, 4, 4), (1, 3, 4, 4)])
+def test_conversions_refuse_broadcasting(sched, fn, bad):
+    """The prediction must have x_t's shape exactly: (2,1,4,4) / (3,4,4) / (1,3,4,4) would broadcast silently."""
+    x = torch.randn(2, 3, 4, 4)
+    t = sched.time_tensor(sched.timesteps([500 if sched.kind == "vp" else 1.0])[0], 2, "cpu")
+    getattr(sched, fn)(x, torch.randn(2, 3, 4, 4), t)  # the matching shape is accepted
+    with pytest.raises(ValueError, match=rf"{fn}: .* must have the shape of x_t \(2, 3, 4, 4\), got {re.escape(str(bad))}"):
+        getattr(sched, fn)(x, torch.randn(bad), t)
+
+
+def test_add_noise_refuses_integer_x0():
+    vp = VPSchedule.scaled_linear()
+    x0 = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="add_noise: x0 must be a floating-point tensor, got torch.int64"):
+        vp.add_noise(x0, torch.randn(2, 3), torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("kw", [dict(sigma_max=math.inf), dict(rho=math.nan), dict(sigma_min=math.nan),
+                                dict(sigma_data=math.inf)])
+def test_edm_schedule_refuses_non_finite(kw):
+    with pytest.raises(ValueError, match="must be finite"):
+        EDMSchedule(**kw)
+
+
+def test_vp_refuses_non_integer_timesteps():
+    vp = VPSchedule.scaled_linear()
+    with pytest.raises(ValueError, match=r"VPSchedule timestep must be an integer, got 999.9"):
+        vp.timesteps([999.9, 499])
+    with pytest.raises(ValueError, match="must be an integer"):
+        vp.time_tensor(249.5, 2, "cpu")
+    assert vp.timesteps([999.0, 749, torch.tensor(499)]) == [999, 749, 499]  # integral values of any type are fine

@@ -356,3 +356,62 @@ def test_non_tensor_parameter_entries_refused(persistence):
     ema.model._parameters["bogus"] = "not a tensor"
     with pytest.raises(ValueError, match="model.bogus: parameter is str, expected a plain CPU tensor"):
         edm_network_state_dict(io.BytesIO(edm_pickle_bytes(persistence, ema=ema)))
+
+
+# ------------------------------------------------------------------------------------------ bounds before allocation
+
+
+def _storage_blob(n: int, zipfile_format: bool) -> bytes:
+    b = io.BytesIO()
+    torch.save(torch.zeros(n).untyped_storage(), b, _use_new_zipfile_serialization=zipfile_format)
+    return b.getvalue()
+
+
+def _deflated(blob: bytes) -> bytes:
+    """The same zip entries, DEFLATE-compressed (a zip bomb when the data are zeros)."""
+    import zipfile
+
+    src, out = zipfile.ZipFile(io.BytesIO(blob)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for info in src.infolist():
+            z.writestr(info.filename, src.read(info.filename))
+    return out.getvalue()
+
+
+def test_compressed_storage_blob_refused_before_decoding(persistence):
+    bomb = _deflated(_storage_blob(2**22, zipfile_format=True))  # 16 MiB of zeros in ~16 KiB
+    assert len(bomb) < 2**16
+    assert torch.load(io.BytesIO(bomb), weights_only=True).nbytes() == 2**24  # positive control: torch expands it
+    ema = tiny_precond()
+    ema.model._buffers["extra"] = HostileStorage(bomb)
+    with pytest.raises(EDMPickleRefused, match=r"zip entry '.*' is compressed \(declares \d+ bytes from \d+\)"):
+        load_edm_pickle(io.BytesIO(edm_pickle_bytes(persistence, ema=ema)))
+
+
+def test_legacy_storage_blob_declaring_more_than_it_holds_refused(persistence):
+    blob = bytearray(_storage_blob(16, zipfile_format=False))  # what Storage.__reduce__ writes
+    blob[-16 * 4 - 8: -16 * 4] = (2**40).to_bytes(8, "little")  # numel: 2**40 float32 = 4 TiB
+    ema = tiny_precond()
+    ema.model._buffers["extra"] = HostileStorage(bytes(blob))
+    with pytest.raises(EDMPickleRefused, match=r"declares 1099511627776 elements but holds 64 data bytes"):
+        load_edm_pickle(io.BytesIO(edm_pickle_bytes(persistence, ema=ema)))
+
+
+def test_total_storage_cap(persistence):
+    payload = edm_pickle_bytes(persistence)
+    total = sum(t.numel() * t.element_size() for t in tiny_precond().state_dict().values())
+    assert isinstance(load_edm_pickle(io.BytesIO(payload), max_bytes=total), dict)  # exactly the network fits
+    with pytest.raises(EDMPickleRefused, match=f"exceed {total - 1} bytes in total"):
+        load_edm_pickle(io.BytesIO(payload), max_bytes=total - 1)
+
+
+@pytest.mark.parametrize("key,value", [("num_blocks", 200000), ("model_channels", 10**6), ("channel_mult", [1] * 50),
+                                       ("img_resolution", 2**20)])
+def test_constructor_kwargs_outside_ranges_refused_before_building(persistence, tmp_path, capsys, monkeypatch, key, value):
+    monkeypatch.setitem(EDM_MODEL_KWARGS, key, value)
+    pkl = tmp_path / "net.pkl"
+    pkl.write_bytes(edm_pickle_bytes(persistence))
+    assert convert_edm.main([str(pkl), str(tmp_path / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: EDM DhariwalUNet kwarg {key}=") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.safetensors").exists()

@@ -79,6 +79,7 @@ def test_ddp_exact_resume_and_negative_control(runs, tmp_path):
     for name in state["optimizers"]:
         state["optimizers"][name]["state"] = {}
     torch.save(state, state_file)
+    ckpt.write_manifest(state_file.parent, N // 2, 2)  # a checkpoint written that way, not a damaged one
     torchrun(neg, f"train.max_steps={N}", "train.distributed=ddp", "--resume", "auto")
     g_a, g_n = w_a["generator"], weights(neg, N)[0]["generator"]
     assert max((g_a[k] - g_n[k]).abs().max().item() for k in g_a) > 1e-4

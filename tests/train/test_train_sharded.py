@@ -39,6 +39,29 @@ def test_sharded_format_single_process_resumes_exactly_and_reads_like_full(tmp_p
     assert losses(log_records(half)) == losses(log_records(full))
 
 
+def test_manifest_covers_the_shard_files(tmp_path):
+    import json
+
+    out = run_inprocess(tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=2", "train.checkpoint_format=sharded")
+    ck = ckpt.checkpoint_path(out, 2)
+    listed = json.loads((ck / ckpt.MANIFEST).read_text())["files"]
+    assert {"state.pt", "config.json", f"{SHARDED_DIR}/.metadata", f"{SHARDED_DIR}/__0_0.distcp"} == set(listed)
+    ckpt.verify_checkpoint(ck)
+    shard = ck / SHARDED_DIR / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        ckpt.verify_checkpoint(ck)
+    assert ckpt.latest_checkpoint(out, report=lambda m: None) is None
+    shard.unlink()
+    with pytest.raises(ValueError, match="missing"):
+        ckpt.verify_checkpoint(ck, checksums=False)
+    (ck / SHARDED_DIR / "__1_0.distcp").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not listed"):
+        ckpt.verify_checkpoint(ck, checksums=False)
+
+
 def test_sharded_load_names_what_the_checkpoint_lacks(tmp_path, capsys):
     from dmd2.recipes.tiny import RECIPE
     from dmd2.train import main
@@ -50,7 +73,7 @@ def test_sharded_load_names_what_the_checkpoint_lacks(tmp_path, capsys):
                         "train.checkpoint_format=sharded", *no_gan)
     # a run with a GAN head resumed from a checkpoint without one
     rc = main(RECIPE, [*BASE, "--out", str(tmp_path / "run2"), "train.max_steps=4", "train.checkpoint_format=sharded",
-                       "--resume", str(ckpt.checkpoint_path(out, 2))])
+                       "--resume", str(ckpt.checkpoint_path(out, 2)), "--allow-config-change"])
     err = capsys.readouterr().err
     assert rc == 2 and "sharded checkpoint lacks" in err and "model/gan_head/" in err, err
 
