@@ -107,7 +107,7 @@ def _recipe_torchrun(module, out, *overrides, nproc):
 PRESETS = {
     "imagenet64": (["train.batch_size=2", "train.lr_generator=1e-3", "train.lr_critic=1e-3", "train.max_steps=4",
                     "train.checkpoint_every=2", "critic.ratio=2"], 4, 2),
-    "sdxl": (["train.batch_size=1", "train.mixed_precision=no", "train.lr_generator=1e-4", "train.lr_critic=1e-4",
+    "sdxl": (["train.batch_size=1", "train.mixed_precision=no", "train.grad_checkpointing=false", "train.lr_generator=1e-4", "train.lr_critic=1e-4",
               "train.max_steps=2", "train.checkpoint_every=1", "critic.ratio=1"], 2, 1),
 }
 
