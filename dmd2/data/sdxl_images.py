@@ -6,7 +6,9 @@ Sources (all indexable, so :class:`~dmd2.train.IndexedBatches` can serve batch `
   per line (``file`` relative to the folder);
 * :class:`WebDatasetShards` - webdataset ``.tar`` shards: members sharing a key (the name up to the first dot) form a
   sample, an image (``.jpg``/``.jpeg``/``.png``/``.webp``) and a caption (``.txt``, or ``.json`` with ``caption``);
-  read by offset with :mod:`tarfile` (no webdataset runtime needed);
+  an index of the tar headers (:mod:`tarfile`), each image read by offset. Not the ``webdataset`` package: its
+  pipelines stream samples in order, while exact resume and a change of rank count need sample ``i`` of batch
+  ``(step, shard)`` by index (its indexed reader, ``wids``, is not part of webdataset 1.0);
 * :class:`LatentCache` - latents precomputed by :func:`cache_latents` (``latents.safetensors`` + ``captions.jsonl``).
 
 Images are resized (shorter side to ``resolution``, bicubic) and centre-cropped to ``resolution`` x ``resolution``,

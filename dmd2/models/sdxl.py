@@ -184,7 +184,7 @@ def load_sdxl(path: str | Path, dtype: torch.dtype = torch.float32, local_files_
         if name not in components:
             out[name] = None
             continue
-        kw = {} if name.startswith("tokenizer") else ({"torch_dtype": dtype} if name in ("unet", "vae") else {"dtype": dtype})
+        kw = {} if name.startswith("tokenizer") else {"dtype": dtype}
         if name == "unet" and meta_unet:
             config = _load(_UNetConfig, path, SUBFOLDERS[name], local_only)
             with torch.device("meta"):

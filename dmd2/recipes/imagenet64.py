@@ -55,7 +55,17 @@ __all__ = [
 class ModelConfig:
     """The ADM architecture of all three networks (EDM ``DhariwalUNet`` names; defaults = ImageNet-64, 295.9M).
 
-    ``dropout`` applies to the trained copies (DMD2 trains them without dropout); the teacher runs in eval mode.
+    Attributes:
+        img_resolution, img_channels: image size and channels (64, 3).
+        label_dim: number of classes (1000).
+        model_channels: base channel width (192).
+        channel_mult: per-resolution channel multipliers.
+        channel_mult_emb: embedding width multiplier.
+        num_blocks: residual blocks per resolution.
+        attn_resolutions: resolutions with self-attention.
+        channels_per_head: attention channels per head.
+        dropout: dropout of the trained copies (DMD2 trains them without dropout); the teacher runs in eval mode.
+        sigma_data: EDM's data standard deviation (0.5).
     """
 
     img_resolution: int = 64
@@ -91,8 +101,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """``path``: EDM's ``.pkl`` (read safely) or its converted ``.safetensors``; ``random``: a randomly initialised
-    teacher instead (plumbing tests only); ``dtype``: ``float32`` or ``bfloat16`` storage of the frozen teacher."""
+    """The frozen EDM teacher.
+
+    Attributes:
+        path: EDM's ``.pkl`` (read safely) or its converted ``.safetensors``.
+        random: a randomly initialised teacher instead (plumbing tests only).
+        dtype: ``float32`` or ``bfloat16`` storage of the frozen teacher.
+    """
 
     path: str = ""
     random: bool = False
@@ -105,9 +120,13 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Real images for the GAN discriminator: ``path`` = EDM's dataset zip or a folder of class sub-folders
-    (images at ``model.img_resolution``); or ``synthetic = N`` images made on the fly (tiny preset).
-    ``seed``: the per-epoch permutation seed."""
+    """Real images for the GAN discriminator.
+
+    Attributes:
+        path: EDM's dataset zip or a folder of class sub-folders (images at ``model.img_resolution``).
+        synthetic: instead, this many images made on the fly (tiny preset); 0 = use ``path``.
+        seed: the per-epoch permutation seed.
+    """
 
     path: str = ""
     synthetic: int = 0
@@ -120,7 +139,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class GANConfig:
-    """The GAN head on the fake score's bottleneck: ``depth`` strided 4x4 conv blocks of width ``hidden``."""
+    """The GAN head on the fake score's bottleneck.
+
+    Attributes:
+        hidden: channels of its strided 4x4 conv blocks.
+        depth: number of strided blocks.
+    """
 
     hidden: int = 768
     depth: int = 2
@@ -128,8 +152,12 @@ class GANConfig:
 
 @dataclass(frozen=True)
 class InitConfig:
-    """``checkpoint``: start the generator, fake score (and GAN head, when both have one) from another run's
-    checkpoint folder instead of the teacher (a fresh run: optimizers and step start anew)."""
+    """Where the trained networks start.
+
+    Attributes:
+        checkpoint: start the generator, fake score (and GAN head, when both have one) from another run's
+            checkpoint folder instead of the teacher (a fresh run: optimizers and step start anew).
+    """
 
     checkpoint: str = ""
 
@@ -406,8 +434,14 @@ TINY: dict[str, Any] = {
 
 PRESETS = {"paper": PAPER, "tiny": TINY}
 
+def next_steps(cfg: ImageNet64Config, ckpt: Path) -> list[str]:
+    """The summary's commands: a sample grid, the FID evaluation."""
+    return [f"python -m dmd2.recipes.imagenet64 sample {ckpt} {Path(cfg.train.out) / 'sample.png'}",
+            f"python -m dmd2.eval.fid --ckpt {ckpt} --detector inception-2015-12-05.pt --ref imagenet-64x64.npz"]
+
+
 RECIPE = Recipe(name="imagenet64", config=apply_overrides(ImageNet64Config(), PAPER), build=build, presets=PRESETS,
-                commands={"sample": sample_command})
+                commands={"sample": sample_command}, next_steps=next_steps)
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process

@@ -56,7 +56,12 @@ __all__ = ["MNISTConfig", "MNISTModelConfig", "MNISTEvalConfig", "student_sigmas
 
 @dataclass(frozen=True)
 class MNISTModelConfig:
-    """GAN head on the fake score's bottleneck: ``gan_hidden`` channels, ``gan_depth`` strided blocks (8x8 -> 2x2)."""
+    """The GAN head on the fake score's bottleneck (32 x 8 x 8).
+
+    Attributes:
+        gan_hidden: channels of the head's conv blocks.
+        gan_depth: strided blocks (2: 8x8 -> 2x2).
+    """
 
     gan_hidden: int = 64
     gan_depth: int = 2
@@ -64,7 +69,12 @@ class MNISTModelConfig:
 
 @dataclass(frozen=True)
 class MNISTEvalConfig:
-    """Evaluation after training: ``enabled``; ``weights`` = ``"ema"`` (the generator's EMA) or ``"raw"``."""
+    """Evaluation after training (:mod:`dmd2.eval.fid_mnist`).
+
+    Attributes:
+        enabled: evaluate after ``train`` (FID / KID / label accuracy into ``OUT/metrics.json``).
+        weights: ``ema`` (the generator's EMA) or ``raw``.
+    """
 
     enabled: bool = True
     weights: str = "ema"
@@ -76,8 +86,11 @@ class MNISTEvalConfig:
 
 @dataclass(frozen=True)
 class MNISTTeacherSection(TeacherConfig):
-    """``path``: the teacher checkpoint to distil (empty: the shipped one); the other fields train a teacher
-    (``python -m dmd2.recipes.mnist teacher``), see :class:`~dmd2.recipes.mnist_teacher.TeacherConfig`."""
+    """The teacher to distil; the other fields train one (``python -m dmd2.recipes.mnist teacher``).
+
+    Attributes:
+        path: the teacher checkpoint to distil (empty: the shipped one).
+    """
 
     path: str = ""
 
@@ -131,14 +144,14 @@ def build(cfg: MNISTConfig, info=None) -> Components:
         cond = torch.randint(0, 10, (batch,), generator=g, device=device)
         return noise, cond
 
-    def sample_fn(gen, device):
+    def sample_fn(gen, device):  # OUT/samples/: one row per class 0..9, 8 samples each, the same noise every time
         g = torch.Generator(device=device).manual_seed(0)
-        noise = torch.randn((40, 1, 32, 32), generator=g, device=device)
-        return sampler.sample(gen, noise, torch.arange(40, device=device) % 10, generator=g)
+        noise = torch.randn((80, 1, 32, 32), generator=g, device=device)
+        return sampler.sample(gen, noise, torch.arange(80, device=device) // 8, generator=g)
 
     return Components(generator=generator, fake_score=fake_score, teacher=teacher, schedule=schedule,
                       sampler=sampler, latents=latents, real_data=real, gan_head=head, gan_layers=[layer],
-                      sample_fn=sample_fn)
+                      sample_fn=sample_fn, sample_rows=[f"class {c}" for c in range(10)])
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -211,12 +224,21 @@ def evaluate_run(cfg: MNISTConfig, ckpt: str | Path | None = None) -> dict:
     sampler = BackwardSimulationSampler(schedule, cfg.sampler.grid(lambda n: student_sigmas(n, schedule)))
     gen, label = _student(cfg, ckpt, cfg.eval.weights)
     metrics: dict = {}
+    steps = [1] + ([sampler.num_steps] if sampler.num_steps > 1 else [])
+    stages = 2 + len(steps)
+    start = time.perf_counter()
+
+    def progress(i: int, what: str) -> None:
+        print(f"evaluate [{i}/{stages}] {what} ({time.perf_counter() - start:.0f} s so far)", flush=True)
+
     t = time.perf_counter()
+    progress(1, "real train split: FID / KID / label accuracy, 3 seeds x 1,000 samples")
     metrics["real_train"] = metrics_entry(evaluate_sampler(dataset_sampler(*load_mnist("train"))), 0,
                                           time.perf_counter() - t, "data (train split)")
+    progress(2, "teacher rows (read from its record when shipped)")
     metrics.update(_teacher_rows(cfg))
-    steps = [1] + ([sampler.num_steps] if sampler.num_steps > 1 else [])
-    for n in steps:
+    for i, n in enumerate(steps):
+        progress(3 + i, f"student, {n} step{'s' if n > 1 else ''}, 3 seeds x 1,000 samples")
         t = time.perf_counter()
         ev = evaluate_sampler(student_sampler(gen, sampler, n))
         metrics[f"student_{n}step"] = {**metrics_entry(ev, n, time.perf_counter() - t, label),
@@ -231,9 +253,9 @@ def evaluate_run(cfg: MNISTConfig, ckpt: str | Path | None = None) -> dict:
     teacher = load_teacher(teacher_path(cfg))
     rows = [real, heun_sampler(teacher, 18)(labels, 0), heun_sampler(teacher, 1)(labels, 0)]
     rows += [student_sampler(gen, sampler, n)(labels, 0) for n in steps]
-    save_png(torch.cat(rows), out / "samples_side_by_side.png", nrow=20)
-    print(f"rows of samples_side_by_side.png: real train, teacher_ode, teacher_1step, "
-          f"{', '.join(f'student_{n}step' for n in steps)}")
+    names = ["real train", "teacher_ode", "teacher_1step", *(f"student_{n}step" for n in steps)]
+    save_png(torch.cat(rows), out / "samples_side_by_side.png", nrow=20, row_labels=names)
+    print(f"evaluate: done in {time.perf_counter() - start:.0f} s; rows of samples_side_by_side.png: {', '.join(names)}")
     print(format_table(metrics))
     return metrics
 
@@ -266,12 +288,13 @@ PRESETS = {
     "long": {"train.max_steps": 10000, "train.checkpoint_every": 1000, "train.ema_decay": 0.995,
              "train.lr_generator": 1e-4, "train.lr_critic": 1e-4},
     "tiny": {"train.max_steps": 4, "train.batch_size": 4, "train.checkpoint_every": 4, "train.log_every": 2,
-             "eval.enabled": False},
+             "train.sample_every": 2, "eval.enabled": False},
 }
 
 DEFAULTS = {
     "train.max_steps": 1200, "train.batch_size": 32, "train.lr_generator": 3e-4, "train.lr_critic": 3e-4,
     "train.warmup_steps": 0, "train.ema_decay": 0.99, "train.checkpoint_every": 300, "train.log_every": 25,
+    "train.sample_every": 300,
     "train.device": "cpu", "critic.ratio": 5,
     "objective.gan_generator_weight": 3e-3, "objective.gan_discriminator_weight": 1e-2,
 }
@@ -283,8 +306,15 @@ def _default_config() -> MNISTConfig:
     return apply_overrides(MNISTConfig(), DEFAULTS)
 
 
+def next_steps(cfg: MNISTConfig, ckpt: Path) -> list[str]:
+    """The summary's commands: evaluate this run (again); where the sample grids are."""
+    out = Path(cfg.train.out)
+    return [f"python -m dmd2.recipes.mnist evaluate {ckpt} --config {out / 'config.json'}   # -> {out / 'metrics.json'}",
+            f"ls {out / 'samples'}   # sample grids during training, one row per class"]
+
+
 RECIPE = Recipe(name="mnist", config=_default_config(), build=build, presets=PRESETS,
-                commands={"evaluate": evaluate_command, "teacher": teacher_command})
+                commands={"evaluate": evaluate_command, "teacher": teacher_command}, next_steps=next_steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cli_parts(argv: list[str]):
-    """``(preset, overrides, out, resume, steps)`` of a ``train`` command line (it parsed already, so it is valid)."""
+    """``(preset, overrides, out, resume, steps, config)`` of a ``train`` command line (it parsed already, so it is valid)."""
     import argparse
 
     p = argparse.ArgumentParser(add_help=False)
@@ -311,8 +341,9 @@ def _cli_parts(argv: list[str]):
         p.add_argument(flag, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--config", default=None)
     args, rest = p.parse_known_args([a for a in argv if a != "train"])
-    return args.preset, [r for r in rest if "=" in r], args.out, args.resume, args.steps
+    return args.preset, [r for r in rest if "=" in r], args.out, args.resume, args.steps, args.config
 
 
 if __name__ == "__main__":

@@ -54,11 +54,19 @@ def teacher_adm_config(dropout: float = 0.0) -> ADMConfig:
 class TeacherConfig:
     """EDM training of the MNIST teacher (EDM's CIFAR-10 loss settings: P_mean -1.2, P_std 1.2, sigma_data 0.5).
 
-    Args:
-        iters: optimizer steps; batch: images per step (drawn with replacement from the 4,000 train digits);
-        lr: Adam learning rate after a linear warm-up of ``warmup`` steps; ema_decay: per-step EMA decay;
-        dropout: the ADM blocks' dropout; seed: all randomness; threads: ``torch.set_num_threads`` (0 = leave);
-        checkpoint_every: iterations between writes of the run folder; log_every: iterations per loss-curve point.
+    Attributes:
+        iters: optimizer steps.
+        batch: images per step (drawn with replacement from the 4,000 train digits).
+        lr: Adam learning rate after the warm-up.
+        warmup: steps of linear learning-rate warm-up.
+        ema_decay: per-step EMA decay.
+        p_mean, p_std: EDM's log-normal noise-level distribution, ``ln sigma ~ N(p_mean, p_std^2)``.
+        sigma_data: EDM's data standard deviation.
+        dropout: the ADM blocks' dropout.
+        seed: all randomness.
+        threads: ``torch.set_num_threads`` (0 = leave).
+        checkpoint_every: iterations between writes of the run folder.
+        log_every: iterations per loss-curve point.
     """
 
     iters: int = 4000

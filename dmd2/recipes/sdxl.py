@@ -84,9 +84,15 @@ class SDXLModelConfig:
 
 @dataclass(frozen=True)
 class SDXLDataConfig:
-    """Prompts for the generator (``prompts``: .txt / .jsonl / .parquet, field ``prompt_key``) and real images for
-    the GAN (``real``: a folder with captions.jsonl, a folder/.tar of webdataset shards, or a latent cache, per
-    ``real_kind`` = ``folder`` | ``webdataset`` | ``latents``); ``seed`` orders the real data."""
+    """Prompts for the generator and real images for the GAN.
+
+    Attributes:
+        prompts: a .txt (one per line), .jsonl or .parquet file of prompts.
+        prompt_key: the prompt field of .jsonl / .parquet (empty: the first of :data:`dmd2.data.prompts.PROMPT_KEYS` present).
+        real: a folder with captions.jsonl, a folder / .tar of webdataset shards, or a latent cache.
+        real_kind: ``folder`` | ``webdataset`` | ``latents``.
+        seed: orders the real data.
+    """
 
     prompts: str = ""
     prompt_key: str = ""
@@ -101,9 +107,13 @@ class SDXLDataConfig:
 
 @dataclass(frozen=True)
 class SDXLExportConfig:
-    """``export``: ``weights`` = ``ema`` (falls back to ``generator`` when the run has no EMA) | ``generator``;
-    ``lora_format`` = ``fused`` (LoRA merged into a full UNet) | ``lora`` (base UNet + ``pytorch_lora_weights``);
-    ``dtype`` of the written weights."""
+    """The ``export`` command (:mod:`dmd2.recipes.sdxl_export`).
+
+    Attributes:
+        weights: ``ema`` (falls back to ``generator`` when the run has no EMA) | ``generator``.
+        lora_format: ``fused`` (LoRA merged into a full UNet) | ``lora`` (base UNet + ``pytorch_lora_weights``).
+        dtype: dtype of the written weights (``fp32`` | ``bf16`` | ``fp16``).
+    """
 
     weights: str = "ema"
     lora_format: str = "fused"
@@ -120,7 +130,19 @@ class SDXLExportConfig:
 
 @dataclass(frozen=True)
 class SDXLEvalConfig:
-    """``eval`` (see :mod:`dmd2.eval.coco`): local COCO-2014 captions, reference images, Inception and CLIP weights."""
+    """The ``eval`` command (:mod:`dmd2.eval.coco`): COCO-2014 FID, Patch FID and CLIP score, all from local files.
+
+    Attributes:
+        captions: COCO-2014 ``captions_val2014.json``.
+        images: folder of the reference images (val2014).
+        num: number of prompts / images (paper: 10,000).
+        inception: the Inception weights (``inception-2015-12-05.pt``).
+        clip_model: the open_clip architecture of the CLIP score.
+        clip_weights: its weights file.
+        batch: images per pipeline call.
+        seed: generation seed.
+        out: write the result JSON here too (empty: printed only).
+    """
 
     captions: str = ""
     images: str = ""
@@ -292,6 +314,7 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     return Components(generator=nets.generator, fake_score=nets.fake_score, teacher=teacher, schedule=parts.schedule,
                       sampler=sampler, latents=latents, real_data=real_data, gan_head=head,
                       gan_layers=["gan_tap"] if head is not None else [], sample_fn=sample_fn,
+                      sample_rows=[p if len(p) <= 40 else p[:39] + "~" for p in sample_prompts],  # one row per prompt
                       fsdp_units=_unet_blocks if m.memory_mode == "full" else None)
 
 
@@ -403,7 +426,7 @@ PRESETS = {
         "model.guidance_scale": 8.0, "train.max_steps": 4, "train.batch_size": 2, "train.lr_generator": 1e-3,
         "train.lr_critic": 1e-3, "train.checkpoint_every": 4, "train.log_every": 2, "train.ema_decay": 0.9,
         "train.sample_every": 4,
-        "train.device": "cpu", "train.progress": False, "train.grad_checkpointing": True, "critic.ratio": 2,
+        "train.device": "cpu", "train.grad_checkpointing": True, "critic.ratio": 2,
         "sampler.steps": 2, "objective.gan_generator_weight": 5e-3, "objective.gan_discriminator_weight": 1e-2,
     },
 }
@@ -411,7 +434,16 @@ PRESETS = {
 #: defaults = the paper's hyperparameters (single process; ``--preset paper`` adds FSDP2 for torchrun)
 DEFAULT_CONFIG = apply_overrides(SDXLConfig(), _PAPER)
 
-RECIPE = Recipe(name="sdxl", config=DEFAULT_CONFIG, build=build, presets=PRESETS,
+def next_steps(cfg: SDXLConfig, ckpt: Path) -> list[str]:
+    """The summary's commands: a sample grid, the diffusers export, its COCO evaluation."""
+    out = Path(cfg.train.out)
+    return [f"python -m dmd2.recipes.sdxl sample {ckpt} {out / 'sample.png'}",
+            f"python -m dmd2.recipes.sdxl export {ckpt} {out / 'exported'}   # a diffusers pipeline + README.md",
+            f"python -m dmd2.recipes.sdxl eval {out / 'exported'} eval.captions=... eval.images=... "
+            "eval.inception=... eval.clip_weights=..."]
+
+
+RECIPE = Recipe(name="sdxl", config=DEFAULT_CONFIG, build=build, presets=PRESETS, next_steps=next_steps,
                 commands={"export": export_command, "sample": sample_command, "memory": memory_command, "cache-latents": cache_latents_command,
                           "eval": eval_command})
 

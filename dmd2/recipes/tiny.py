@@ -31,7 +31,13 @@ __all__ = ["TinyConfig", "TinyModelConfig", "TinyDataConfig", "TinyDenoiser", "M
 
 @dataclass(frozen=True)
 class TinyModelConfig:
-    """Student / fake-score network: ``hidden`` channels; ``gan``: add a GAN head of width ``gan_hidden``."""
+    """The student / fake-score network.
+
+    Attributes:
+        hidden: channels of the network.
+        gan: add a GAN head.
+        gan_hidden: width of the GAN head.
+    """
 
     hidden: int = 16
     gan: bool = True
@@ -40,7 +46,15 @@ class TinyModelConfig:
 
 @dataclass(frozen=True)
 class TinyDataConfig:
-    """The Gaussian mixture: ``classes`` means of shape ``(channels, resolution, resolution)``, std ``std``."""
+    """The Gaussian mixture the tiny teacher denoises exactly.
+
+    Attributes:
+        classes: number of mixture components (one per class).
+        channels, resolution: each mean has shape ``(channels, resolution, resolution)``.
+        std: standard deviation of every component.
+        seed: fixes the means.
+        conditional: class-conditional (the class picks the component) or unconditional.
+    """
 
     classes: int = 4
     channels: int = 3
@@ -178,7 +192,14 @@ PRESETS = {
     },
 }
 
-RECIPE = Recipe(name="tiny", config=TinyConfig(), build=build, presets=PRESETS, commands={"sample": sample_command})
+def next_steps(cfg: TinyConfig, ckpt: Path) -> list[str]:
+    """The summary's command: a sample grid from the checkpoint (the run's config)."""
+    out = Path(cfg.train.out)
+    return [f"python -m dmd2.recipes.tiny sample {ckpt} {out / 'sample.png'} --config {out / 'config.json'}"]
+
+
+RECIPE = Recipe(name="tiny", config=TinyConfig(), build=build, presets=PRESETS, commands={"sample": sample_command},
+                next_steps=next_steps)
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process

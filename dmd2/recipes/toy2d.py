@@ -11,31 +11,44 @@ The data is ``K`` isotropic Gaussians (std ``s``) on a ring of radius ``r``. Its
 so the teacher is perfect and any error is the distillation's. The GAN term is OFF: the distribution-matching
 gradient alone must move the student onto the mixture.
 
-    python -m dmd2.recipes.toy2d [--out DIR] [--iters N] [--seed S]
+The shared command line (:mod:`dmd2.train.cli`; the loop is this file's own, not the shared Trainer)::
 
-prints mode coverage and sliced Wasserstein-2 distances (1-step, 4-step, untrained, sign-flipped) and writes
-``DIR/toy2d.png`` and ``DIR/toy2d.json``.
+    python -m dmd2.recipes.toy2d [train] [--preset default|four-step|tiny] [--steps N] [--out DIR] [key.sub=value ...]
+    python -m dmd2.recipes.toy2d compare [--out DIR] [train.max_steps=N] [train.seed=S]
+
+``train`` distils one student (``OUT/toy2d.json``: sliced W2 and mode coverage; ``OUT/toy2d.png``;
+``OUT/generator.safetensors``); ``compare`` runs five (untrained, 1-step, 4-step, 4-step with one fake score, 1-step
+with the DM gradient's sign flipped) and writes ``OUT/compare.json`` / ``OUT/compare.png``. Of the shared keys this
+loop reads ``train.max_steps`` (iterations), ``train.batch_size``, ``train.lr_generator``, ``train.lr_critic``,
+``train.ema_decay``, ``train.seed``, ``train.log_every``, ``critic.ratio``, ``sampler.steps`` and
+``objective.fake_step_conditioning``; setting any other shared key is refused.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..core import DMD2, EMA, BackwardSimulationSampler, CriticScheduler, DMD2Config, EDMPrecond, EDMSchedule
+from ..train import Recipe, RecipeConfig, apply_overrides, config_to_dict, config_to_json, main as cli_main, valid_keys
 
 # ------------------------------------------------------------------------------------------------ the data
 
 
 @dataclass(frozen=True)
 class Mixture:
-    """``modes`` isotropic Gaussians of std ``std`` evenly spaced on a ring of radius ``radius`` (equal weights)."""
+    """Isotropic Gaussians evenly spaced on a ring (equal weights).
+
+    Attributes:
+        modes: number of Gaussians.
+        radius: radius of the ring of their means.
+        std: standard deviation of each.
+    """
 
     modes: int = 8
     radius: float = 2.0
@@ -273,57 +286,171 @@ def floor(mixture: Mixture, n: int = 4000, seed: int = 123) -> float:
     return sliced_w2(a, b)
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m dmd2.recipes.toy2d", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/toy2d")
-    p.add_argument("--iters", type=int, default=ToyConfig.iters)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    mixture = Mixture()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = {
-        "untrained": ToyConfig(steps=1, iters=0, ema_decay=0.0, seed=args.seed),
-        "1-step": ToyConfig(steps=1, iters=args.iters, seed=args.seed),
-        "4-step": ToyConfig(steps=4, iters=args.iters, init="teacher", fake_step_conditioning=True, seed=args.seed),
-        "4-step, one fake score": ToyConfig(steps=4, iters=args.iters, init="teacher", seed=args.seed),
-        "1-step, sign flipped": ToyConfig(steps=1, iters=args.iters, flip_sign=True, seed=args.seed),
-    }
-    fl = floor(mixture)
-    results, samples = {}, {}
-    print(f"true-vs-true sliced W2 floor: {fl:.4f}")
-    for name, cfg in runs.items():
-        gen, smp, info = train(cfg, mixture)
-        ev = evaluate(gen, smp, mixture)
-        samples[name] = ev.pop("samples")
-        results[name] = {**ev, **info, "config": asdict(cfg)}
-        cov = ev["coverage"]
-        print(f"{name:24s} sliced W2 {ev['sliced_w2']:.4f} ({ev['sliced_w2'] / fl:.1f}x floor)  on-mode {sum(cov):.3f}  "
-              f"min mode share {min(cov):.3f}  "
-              f"k histogram {info['k_histogram']}  {info['seconds']:.1f} s", flush=True)
-    (out / "toy2d.json").write_text(json.dumps({"floor": fl, "runs": results}, indent=2))
+# ------------------------------------------------------------------------------------------------ command line
+@dataclass(frozen=True)
+class ToyNetConfig:
+    """The toy's own settings (the shared sections give iterations, batch, learning rates, ratio, steps, EMA, seed).
+
+    Attributes:
+        init: generator start: ``random`` (plain EDM preconditioning) or ``teacher`` (exact denoiser plus a
+            zero-initialised MLP correction).
+        fake_init: fake-score start, ``random`` or ``teacher``.
+        hidden: MLP width.
+        gen_depth: generator MLP depth.
+        gen_features: fixed random Fourier features of the generator's input (a plain small MLP smears mass between
+            the modes: on-mode mass 0.57 without, 0.88 with, 1-step at 20k iterations).
+        gen_feature_scale: scale of those features' frequencies.
+        gen_betas: the generator's Adam betas.
+        final_lr_frac: learning rates decay linearly to this fraction of their start.
+        flip_sign: negate the DM loss (a negative control).
+    """
+
+    init: str = "random"
+    fake_init: str = "teacher"
+    hidden: int = 128
+    gen_depth: int = 3
+    gen_features: int = 32
+    gen_feature_scale: float = 1.0
+    gen_betas: tuple[float, float] = (0.0, 0.99)
+    final_lr_frac: float = 1.0
+    flip_sign: bool = False
+
+
+@dataclass(frozen=True)
+class Toy2DConfig(RecipeConfig):
+    toy: ToyNetConfig = field(default_factory=ToyNetConfig)
+    mixture: Mixture = field(default_factory=Mixture)
+
+
+#: the shared keys this loop reads (``toy_config``), besides the run folder, origin and progress flag
+USED_KEYS = ("train.max_steps", "train.batch_size", "train.lr_generator", "train.lr_critic", "train.ema_decay",
+             "train.seed", "train.log_every", "critic.ratio", "sampler.steps", "objective.fake_step_conditioning")
+_BOOKKEEPING = ("train.out", "train.origin", "train.progress")
+
+
+def toy_config(cfg: Toy2DConfig) -> ToyConfig:
+    """The loop's :class:`ToyConfig` of a resolved config; ``ValueError`` names a shared key set that the loop
+    does not read."""
+    ref = config_to_dict(RECIPE.config)
+    got = config_to_dict(cfg)
+    for key in valid_keys(cfg):
+        section, name = key.split(".", 1)
+        if section in ("toy", "mixture") or key in USED_KEYS or key in _BOOKKEEPING:
+            continue
+        if got[section][name] != ref[section][name]:
+            raise ValueError(f"toy2d's own loop does not read {key} (set to {got[section][name]!r}); it reads "
+                             f"{', '.join(USED_KEYS)} and the toy.* / mixture.* keys")
+    t = cfg.train
+    return ToyConfig(steps=cfg.sampler.steps, iters=t.max_steps, batch=t.batch_size, lr_generator=t.lr_generator,
+                     lr_critic=t.lr_critic, ratio=cfg.critic.ratio, seed=t.seed, ema_decay=t.ema_decay or 0.0,
+                     fake_step_conditioning=cfg.objective.fake_step_conditioning, **asdict(cfg.toy))
+
+
+def _scatter(panels: list[tuple[str, torch.Tensor]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("true mixture", mixture.sample(4000, torch.Generator().manual_seed(0)))] + [
-        (n, samples[n]) for n in ("untrained", "1-step", "4-step", "1-step, sign flipped")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
     for ax, (name, pts) in zip(axes, panels):
         pts = pts.clamp(-4, 4)  # display only; metrics use the raw samples
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
-        sw = "" if name == "true mixture" else f"\nSW2 {results[name]['sliced_w2']:.3f}"
-        ax.set_title(name + sw, fontsize=9)
+        ax.set_title(name, fontsize=9)
         ax.set_xlim(-3.5, 3.5)
         ax.set_ylim(-3.5, 3.5)
         ax.set_aspect("equal")
     fig.tight_layout()
-    fig.savefig(out / "toy2d.png", dpi=100)
-    print(f"wrote {out / 'toy2d.png'} and {out / 'toy2d.json'}")
-    return results
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _line(name: str, ev: dict, info: dict, fl: float) -> str:
+    cov = ev["coverage"]
+    return (f"{name:24s} sliced W2 {ev['sliced_w2']:.4f} ({ev['sliced_w2'] / fl:.1f}x floor)  on-mode {sum(cov):.3f}  "
+            f"min mode share {min(cov):.3f}  k histogram {info['k_histogram']}  {info['seconds']:.1f} s")
+
+
+def train_command(cfg: Toy2DConfig, args: list[str]) -> int:
+    """(default) distil one student with this file's loop -> OUT/toy2d.json (sliced W2, coverage), toy2d.png,
+    generator.safetensors."""
+    from safetensors.torch import save_file
+
+    if args:
+        raise ValueError(f"train takes no positional arguments, got {args} (overrides look like key.sub=value)")
+    tc = toy_config(cfg)
+    torch.set_num_threads(1)
+    out = Path(cfg.train.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config_to_json(cfg))
+    gen, smp, info = train(tc, cfg.mixture, log_every=cfg.train.log_every if cfg.train.progress else 0)
+    ev = evaluate(gen, smp, cfg.mixture)
+    samples = ev.pop("samples")
+    fl = floor(cfg.mixture)
+    save_file({k: v.contiguous() for k, v in gen.state_dict().items()}, str(out / "generator.safetensors"))
+    (out / "toy2d.json").write_text(json.dumps({"floor": fl, **ev, **info, "config": asdict(tc)}, indent=2))
+    _scatter([("true mixture", cfg.mixture.sample(4000, torch.Generator().manual_seed(0))),
+              (f"{tc.steps}-step student\nSW2 {ev['sliced_w2']:.3f} (floor {fl:.3f})", samples)], out / "toy2d.png")
+    print(_line(f"{tc.steps}-step student", ev, info, fl))
+    print(f"toy2d: done. Run folder {out} (config.json, toy2d.json, toy2d.png, generator.safetensors)\n"
+          f"  next:\n    python -m dmd2.recipes.toy2d compare --out {out / 'compare'} train.max_steps={tc.iters}"
+          "   # against untrained, 4-step and sign-flipped runs", flush=True)
+    return 0
+
+
+def compare_command(cfg: Toy2DConfig, args: list[str]) -> int:
+    """five runs of train.max_steps iterations (untrained, 1-step, 4-step, 4-step with one fake score, sign flipped)
+    -> OUT/compare.json, OUT/compare.png."""
+    if args:
+        raise ValueError(f"compare takes no positional arguments, got {args}")
+    base = toy_config(cfg)
+    torch.set_num_threads(1)
+    mixture = cfg.mixture
+    out = Path(cfg.train.out)
+    out.mkdir(parents=True, exist_ok=True)
+    one = replace(base, steps=1, fake_step_conditioning=False)
+    four = replace(base, steps=4, init="teacher")
+    runs = {
+        "untrained": replace(one, iters=0, ema_decay=0.0),
+        "1-step": one,
+        "4-step": replace(four, fake_step_conditioning=True),
+        "4-step, one fake score": replace(four, fake_step_conditioning=False),
+        "1-step, sign flipped": replace(one, flip_sign=True),
+    }
+    fl = floor(mixture)
+    results, samples = {}, {}
+    print(f"true-vs-true sliced W2 floor: {fl:.4f}")
+    for name, tc in runs.items():
+        gen, smp, info = train(tc, mixture)
+        ev = evaluate(gen, smp, mixture)
+        samples[name] = ev.pop("samples")
+        results[name] = {**ev, **info, "config": asdict(tc)}
+        print(_line(name, ev, info, fl), flush=True)
+    (out / "compare.json").write_text(json.dumps({"floor": fl, "runs": results}, indent=2))
+    panels = [("true mixture", mixture.sample(4000, torch.Generator().manual_seed(0)))] + [
+        (f"{n}\nSW2 {results[n]['sliced_w2']:.3f}", samples[n]) for n in ("untrained", "1-step", "4-step", "1-step, sign flipped")]
+    _scatter(panels, out / "compare.png")
+    print(f"toy2d compare: done; wrote {out / 'compare.png'} and {out / 'compare.json'}")
+    return 0
+
+
+DEFAULTS = {"train.max_steps": ToyConfig.iters, "train.batch_size": ToyConfig.batch,
+            "train.lr_generator": ToyConfig.lr_generator, "train.lr_critic": ToyConfig.lr_critic,
+            "train.ema_decay": ToyConfig.ema_decay, "train.seed": ToyConfig.seed, "train.log_every": 2000,
+            "critic.ratio": ToyConfig.ratio, "sampler.steps": ToyConfig.steps}
+
+PRESETS = {
+    "default": {},
+    # 4 steps need a fake score told the student's step (one pooled fake score collapses), from the teacher
+    "four-step": {"sampler.steps": 4, "toy.init": "teacher", "objective.fake_step_conditioning": True},
+    "tiny": {"train.max_steps": 50, "train.batch_size": 64, "train.log_every": 25, "toy.hidden": 32},
+}
+
+RECIPE = Recipe(name="toy2d", config=apply_overrides(Toy2DConfig(), DEFAULTS), build=None, presets=PRESETS,
+                commands={"train": train_command, "compare": compare_command})
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(cli_main(RECIPE))

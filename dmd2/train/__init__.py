@@ -21,13 +21,14 @@ A recipe is a preset table plus a builder::
 * :mod:`dmd2.train.config` - frozen dataclasses (:class:`TrainConfig`, :class:`CriticConfig`,
   :class:`SamplerConfig`, :class:`~dmd2.core.DMD2Config` as ``objective``) under :class:`RecipeConfig`;
   :func:`apply_overrides` (``"a.b=value"``, typed; unknown keys list the valid ones).
-* :mod:`dmd2.train.cli` - :func:`main`: ``[COMMAND] [--preset P] [--out DIR] [--resume auto|PATH] [--dry-run]
-  [--steps N] [key.sub=value ...]``.
+* :mod:`dmd2.train.cli` - :func:`main`: ``[COMMAND] [--preset P] [--config FILE] [--out DIR] [--resume auto|PATH]
+  [--dry-run] [--steps N] [key.sub=value ...]``; ``--help`` lists every config key.
 * :mod:`dmd2.train.trainer` - :class:`Trainer` and :class:`Components` (iteration semantics, keyed randomness,
   exact resume, NaN/inf stop).
 * :mod:`dmd2.train.distributed` - torchrun, DDP, FSDP2 (``fully_shard``), requires_grad toggling safe under FSDP2.
 * :mod:`dmd2.train.checkpoint` - the run-folder layout, write-then-rename, keep-last-K, ``--resume auto``.
-* :mod:`dmd2.train.monitor` - tqdm, ``log.jsonl``, TensorBoard, PNG sample grids.
+* :mod:`dmd2.train.monitor` - tqdm, ``log.jsonl``, PNG sample grids.
+* :mod:`dmd2.train.loggers` - ``train.loggers``: TensorBoard, wandb (the config as hyperparameters).
 * :mod:`dmd2.train.data` - :class:`IndexedBatches`, stateless per-(step, shard) real data from a dataset.
 
 See docs/training.md.

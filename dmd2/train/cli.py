@@ -1,11 +1,15 @@
-"""The command line every recipe shares (DESIGN "Command line and run folder")::
+"""The command line every recipe shares (docs/training.md, "Command line")::
 
-    python -m dmd2.recipes.NAME [COMMAND] [--preset P] [--out DIR] [--resume auto|PATH] [--dry-run] [--steps N] [key.sub=value ...]
+    python -m dmd2.recipes.NAME [COMMAND] [--preset P] [--config FILE] [--out DIR] [--resume auto|PATH] [--dry-run]
+                                [--steps N] [key.sub=value ...]
 
 COMMAND defaults to ``train``; a recipe registers more in :attr:`Recipe.commands`. The config is resolved as:
-the recipe's defaults, then the preset's overrides, then ``--out`` (``train.out``), ``--resume`` (``train.resume``),
-``--steps`` (``sampler.steps``), then the ``key.sub=value`` overrides in order. ``--dry-run`` prints the resolved
-config as JSON and writes nothing. Bad input (unknown key, preset or command) prints ``error: ...`` and returns 2.
+the recipe's defaults, then the preset's overrides, then the ``--config`` file (a saved ``OUT/config.json`` or a
+JSON / YAML file of overrides), then ``--out`` (``train.out``), ``--resume`` (``train.resume``), ``--steps``
+(``sampler.steps``), then the ``key.sub=value`` overrides in order; ``train.origin`` records that chain.
+``--dry-run`` prints the resolved config as JSON and writes nothing. ``--help`` lists the commands, presets and every
+config key (type, default, description; generated from the config dataclasses), ``--help-config SECTION`` one
+section. Bad input (unknown key, preset, section or command) prints ``error: ...`` and returns 2.
 """
 from __future__ import annotations
 
@@ -13,15 +17,18 @@ import argparse
 import contextlib
 import json
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .config import RecipeConfig, apply_overrides, config_to_dict, config_to_json
+from .config import (RecipeConfig, _plain, _value_text, apply_overrides, config_help, config_to_dict, config_to_json,
+                     read_config_file)
 
-__all__ = ["Recipe", "main", "resolve_config", "run_training", "check_resume_config", "config_diff", "RESUME_FREE_KEYS"]
+__all__ = ["Recipe", "main", "resolve_config", "run_training", "run_summary", "help_text", "check_resume_config",
+           "config_diff", "RESUME_FREE_KEYS"]
 
 
 @dataclass
@@ -33,24 +40,32 @@ class Recipe:
         config: the default :class:`RecipeConfig` (or subclass) instance.
         build: ``build(cfg, info) -> Components`` (:class:`~dmd2.train.trainer.Components`); called after
             ``torch.manual_seed(cfg.train.seed)`` on every rank, so random initialisations agree across ranks.
+            ``None`` for a recipe with its own loop: it registers ``train`` in ``commands`` (toy2d).
         presets: name -> overrides (a ``{"a.b": value}`` dict or a list of ``"a.b=value"`` strings); every recipe
             has ``tiny``.
         commands: extra sub-commands, name -> ``fn(cfg, args) -> exit code`` (``args``: the positional arguments).
+        next_steps: ``next_steps(cfg, checkpoint) -> [command line, ...]``: what to run on a finished run (sample,
+            export, evaluate), printed in the summary after ``train``.
     """
 
     name: str
     config: RecipeConfig
-    build: Callable
+    build: Callable | None
     presets: Mapping[str, Any] = field(default_factory=dict)
     commands: Mapping[str, Callable[[RecipeConfig, list[str]], int]] = field(default_factory=dict)
+    next_steps: Callable[[RecipeConfig, Path], Sequence[str]] | None = None
 
 
 def _parser(recipe: Recipe) -> argparse.ArgumentParser:
-    cmds = ", ".join(["train", *recipe.commands])
-    p = argparse.ArgumentParser(prog=f"python -m dmd2.recipes.{recipe.name}",
-                                description=f"DMD2 recipe '{recipe.name}'. Commands: {cmds} (default train).",
-                                epilog="Any other argument of the form key.sub=value overrides the config.")
+    p = argparse.ArgumentParser(prog=f"python -m dmd2.recipes.{recipe.name}", add_help=False,
+                                formatter_class=lambda prog: argparse.HelpFormatter(prog, max_help_position=26, width=118))
+    p.add_argument("-h", "--help", action="store_true", help="show this help (commands, presets, every config key)")
+    p.add_argument("--help-config", metavar="SECTION", default=None,
+                   help="list only the config keys of SECTION (with the values --preset / --config / overrides give)")
     p.add_argument("--preset", default=None, help=f"one of: {', '.join(recipe.presets) or '(none)'}")
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="a saved OUT/config.json, or a JSON / YAML file of overrides ({\"train\": {\"max_steps\": 10}} "
+                        "or {\"train.max_steps\": 10}); applied after --preset, before the other options")
     p.add_argument("--out", default=None, help="run folder (train.out)")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in OUT) or a checkpoint folder")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit, writing nothing")
@@ -60,14 +75,49 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
     return p
 
 
+def _first_line(doc: str | None) -> str:
+    return _plain((doc or "").strip().split("\n\n")[0])
+
+
+def help_text(recipe: Recipe, cfg: RecipeConfig | None = None) -> str:
+    """``--help``: usage, the recipe's summary, commands (one line each), presets, options and every config key of
+    ``cfg`` (default: the recipe's defaults) by section (:func:`~dmd2.train.config.config_help`)."""
+    parser = _parser(recipe)
+    fn = recipe.build or next(iter(recipe.commands.values()), None)
+    module = sys.modules.get(getattr(fn, "__module__", ""), None)
+    wrap = lambda text, indent: textwrap.fill(text, 118, initial_indent=indent,  # noqa: E731
+                                              subsequent_indent=indent + " " * 16)
+    lines = [parser.format_usage().rstrip() + " [COMMAND ARGS ...] [key.sub=value ...]", ""]
+    if module is not None and module.__doc__:
+        lines += [textwrap.fill(_first_line(module.__doc__), 118), ""]
+    lines.append("commands:")
+    cmds = {"train": "(default) train with the shared loop into OUT (train.out); resumes with --resume auto"}
+    cmds.update({name: _first_line(f.__doc__) for name, f in recipe.commands.items()})
+    lines += [wrap(f"{name:<15} {text}", "  ") for name, text in cmds.items()]
+    lines += ["", "presets (overrides applied over the defaults):"]
+    for name, ov in recipe.presets.items():
+        items = ov.items() if isinstance(ov, Mapping) else [o.split("=", 1) for o in ov]
+        text = " ".join(f"{k}={_value_text(v)}" for k, v in items) or "(the defaults)"
+        lines.append(wrap(f"{name:<15} {text}", "  "))
+    opts = parser.format_help().split("\n\n", 1)[-1].strip()
+    lines += ["", opts, "", "config keys (override as key.sub=value; type = default, description):",
+              config_help(cfg if cfg is not None else recipe.config)]
+    return "\n".join(lines)
+
+
 def resolve_config(recipe: Recipe, preset: str | None = None, overrides: Sequence[str] = (), out: str | None = None,
-                   resume: str | None = None, steps: int | None = None) -> RecipeConfig:
-    """The config a command line describes (see the module docstring for the order)."""
+                   resume: str | None = None, steps: int | None = None, config: str | None = None) -> RecipeConfig:
+    """The config a command line describes (see the module docstring for the order); ``config``: a config file."""
     cfg = recipe.config
+    origin = [f"recipe {recipe.name}"]
     if preset is not None:
         if preset not in recipe.presets:
             raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(recipe.presets) or '(none)'}")
         cfg = apply_overrides(cfg, recipe.presets[preset])
+        origin.append(f"preset {preset}")
+    if config is not None:
+        cfg = apply_overrides(cfg, read_config_file(config))
+        origin.append(f"config {config}")
     flags = []
     if out is not None:
         flags.append(("train.out", out))
@@ -77,16 +127,19 @@ def resolve_config(recipe: Recipe, preset: str | None = None, overrides: Sequenc
         flags.append(("sampler.steps", steps))
     cfg = apply_overrides(cfg, dict(flags))
     cfg = apply_overrides(cfg, list(overrides))
+    given = [f"{k}={v}" for k, v in flags] + list(overrides)
+    if given:
+        origin.append("overrides " + " ".join(given))
     if not cfg.train.out:
         cfg = apply_overrides(cfg, {"train.out": f"runs/{recipe.name}" + (f"-{preset}" if preset else "")})
-    return cfg
+    return apply_overrides(cfg, {"train.origin": ", ".join(origin)})
 
 
 #: keys a resume may change without ``--allow-config-change``: how long the run goes, where it writes, how often it
 #: reports, how it is launched (a checkpoint resumes on any number of ranks); every other key changes the run itself
 RESUME_FREE_KEYS = ("train.max_steps", "train.out", "train.resume", "train.progress", "train.checkpoint_every",
                     "train.keep_last", "train.log_every", "train.sample_every", "train.device", "train.distributed",
-                    "train.grad_checkpointing", "train.checkpoint_format", "eval.")
+                    "train.grad_checkpointing", "train.checkpoint_format", "train.origin", "eval.")
 
 
 def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
@@ -167,11 +220,28 @@ def run_training(recipe: Recipe, cfg: RecipeConfig, allow_config_change: bool = 
             torch.manual_seed(cfg.train.seed)
             components = recipe.build(cfg, info)
             trainer = Trainer(cfg, components, info, out)
-            trainer.train(resume)
-            return 0 if trainer.interrupted is None else 128 + trainer.interrupted
+            last = trainer.train(resume)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if info.is_main:
+        print(run_summary(recipe, cfg, last, trainer.step), flush=True)
+    return 0 if trainer.interrupted is None else 128 + trainer.interrupted
+
+
+def run_summary(recipe: Recipe, cfg: RecipeConfig, checkpoint: Path | None, step: int) -> str:
+    """The closing lines of ``train``: the run folder, the last checkpoint and :attr:`Recipe.next_steps`."""
+    out = Path(cfg.train.out)
+    done = "done" if step >= cfg.train.max_steps else f"stopped at iteration {step} of {cfg.train.max_steps}"
+    lines = [f"{recipe.name}: {done}. Run folder {out} (config.json, log.jsonl"
+             + "".join(f", {d}/" for d in ("tb", "samples", "wandb") if (out / d).is_dir()) + ")",
+             f"  checkpoint: {checkpoint}"]
+    if checkpoint is not None:
+        steps = list(recipe.next_steps(cfg, checkpoint)) if recipe.next_steps is not None else []
+        steps.append(f"python -m dmd2.recipes.{recipe.name} --config {out / 'config.json'} --resume auto "
+                     "train.max_steps=N   # train on")
+        lines += ["  next:"] + [f"    {c}" for c in steps]
+    return "\n".join(lines)
 
 
 def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
@@ -192,11 +262,17 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
         positional = [r for r in rest if "=" not in r]
         if command == "train" and positional:
             raise ValueError(f"train takes no positional arguments, got {positional} (overrides look like key.sub=value)")
-        cfg = resolve_config(recipe, args.preset, overrides, args.out, args.resume, args.steps)
+        cfg = resolve_config(recipe, args.preset, overrides, args.out, args.resume, args.steps, args.config)
+        if args.help:
+            print(help_text(recipe, cfg))
+            return 0
+        if args.help_config is not None:
+            print(config_help(cfg, args.help_config))
+            return 0
         if args.dry_run:
             print(config_to_json(cfg))
             return 0
-        if command == "train":
+        if command == "train" and "train" not in recipe.commands:
             return run_training(recipe, cfg, args.allow_config_change)
         return int(recipe.commands[command](cfg, positional) or 0)
     except (ValueError, OSError) as e:  # OSError: a missing file or folder, a full disk, no permission

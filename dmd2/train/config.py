@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..core.objective import DMD2Config
@@ -23,11 +25,13 @@ from ..core.objective import DMD2Config
 __all__ = [
     "TrainConfig", "CriticConfig", "SamplerConfig", "RecipeConfig", "DMD2Config",
     "apply_overrides", "valid_keys", "config_to_dict", "config_from_dict", "config_to_json", "parse_value",
+    "field_docs", "config_help", "read_config_file", "flatten",
 ]
 
 MIXED_PRECISION = ("no", "bf16")
 DISTRIBUTED = ("none", "ddp", "fsdp2")
 CHECKPOINT_FORMATS = ("auto", "sharded", "full")
+LOGGERS = ("tensorboard", "wandb")
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,14 @@ class TrainConfig:
         distributed: ``"none"``, ``"ddp"`` or ``"fsdp2"`` (launch with ``torchrun`` for the latter two).
         grad_checkpointing: recompute activations of the trained networks in backward.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
-        out: run folder (``--out``); resume: ``""``, ``"auto"`` or a checkpoint folder (``--resume``).
+        out: run folder (``--out``).
+        resume: ``""`` (a fresh run), ``"auto"`` (the newest complete checkpoint in ``out``) or a checkpoint folder
+            (``--resume``).
         progress: show a tqdm bar on rank 0.
+        loggers: comma-separated run loggers besides ``OUT/log.jsonl`` (always written): ``tensorboard``
+            (``OUT/tb/``), ``wandb`` (``pip install -e .[wandb]``; ``WANDB_MODE=offline`` writes ``OUT/wandb/`` only);
+            ``""`` for none. Both log the resolved config as hyperparameters.
+        origin: where this config came from (recipe, preset, config file, overrides); set by the command line.
     """
 
     max_steps: int = 1000
@@ -83,6 +93,8 @@ class TrainConfig:
     out: str = ""
     resume: str = ""
     progress: bool = True
+    loggers: str = "tensorboard"
+    origin: str = ""
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
@@ -105,11 +117,23 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay must lie in [0, 1) or be None, got {self.ema_decay}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        bad = [n for n in self.logger_names() if n not in LOGGERS]
+        if bad:
+            raise ValueError(f"train.loggers: unknown logger(s) {bad}; expected a comma-separated subset of "
+                             f"{', '.join(LOGGERS)} (jsonl is always on)")
+
+    def logger_names(self) -> list[str]:
+        """``loggers`` as a list, without ``jsonl`` (always on)."""
+        return [n.strip() for n in self.loggers.split(",") if n.strip() and n.strip() != "jsonl"]
 
 
 @dataclass(frozen=True)
 class CriticConfig:
-    """Two time-scale update rule: ``ratio`` critic updates per generator update (paper: 5)."""
+    """Two time-scale update rule (TTUR, paper Sec. 4.1).
+
+    Attributes:
+        ratio: critic (fake score + GAN head) updates per generator update (paper: 5).
+    """
 
     ratio: int = 5
 
@@ -120,7 +144,12 @@ class CriticConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """The student's inference grid: ``steps`` steps (``--steps N``), or explicit ``timesteps`` (noisiest first)."""
+    """The student's inference grid.
+
+    Attributes:
+        steps: number of student steps (``--steps N``); the recipe's default grid for that many steps.
+        timesteps: explicit grid instead, noisiest first (its length must equal ``steps``); ``none``: the default.
+    """
 
     steps: int = 1
     timesteps: tuple[float, ...] | None = None
@@ -300,12 +329,122 @@ def config_from_dict(cls_or_cfg, data: Mapping[str, Any]):
     Keys absent from ``data`` keep their defaults; unknown keys raise ``ValueError``.
     """
     base = cls_or_cfg() if isinstance(cls_or_cfg, type) else cls_or_cfg
+    return apply_overrides(base, flatten(data))
 
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, Mapping):
-                yield from flat(v, f"{prefix}{k}.")
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> ``{"a.b": value}`` (keys already dotted pass through)."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The overrides a config file holds, as ``{"a.b": value}``: a saved ``OUT/config.json`` (every key) or a JSON /
+    YAML (``.yaml``, ``.yml``) file of some keys, nested (``{"train": {"max_steps": 10}}``) or dotted
+    (``{"train.max_steps": 10}``). ``ValueError`` for a missing file or one that is not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {str(path)!r}: no such file (expected a saved OUT/config.json or a JSON/YAML file)")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line naming the file
+        raise ValueError(f"--config {str(path)!r}: cannot parse ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"--config {str(path)!r}: expected a mapping of config keys, got {type(data).__name__}")
+    return flatten(data)
+
+
+# ------------------------------------------------------------------------------------------------ help text
+_ENTRY = re.compile(r"^(\s*)([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*)\s*:\s+(.*)$")
+
+
+def _block_docs(doc: str) -> dict[str, str]:
+    """Entries of the ``Attributes:`` (or ``Args:``) block: ``name[, name2]: text``, continued on deeper-indented
+    lines."""
+    out: dict[str, str] = {}
+    lines = doc.expandtabs().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() not in ("Attributes:", "Args:"):
+            continue
+        base, indent, names = len(line) - len(line.lstrip()), None, []
+        for ln in lines[i + 1:]:
+            depth = len(ln) - len(ln.lstrip())
+            if not ln.strip() or depth <= base:
+                break
+            m = _ENTRY.match(ln)
+            if m and (indent is None or depth <= indent):
+                indent, names = depth, [n.strip() for n in m.group(2).split(",")]
+                out.update({n: m.group(3).strip() for n in names})
             else:
-                yield f"{prefix}{k}", v
+                out.update({n: f"{out[n]} {ln.strip()}" for n in names})
+    return out
 
-    return apply_overrides(base, dict(flat(data)))
+
+def _plain(text: str) -> str:
+    """Docstring markup -> plain text: ``x`` -> x, :mod:`~a.b` -> a.b, whitespace runs -> one space."""
+    return " ".join(re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "").split())
+
+
+def field_docs(cls) -> dict[str, str | None]:
+    """``field name -> its description`` from the ``Attributes:`` block of the dataclass's docstring (or of the
+    nearest dataclass base that documents it); ``None`` where none does."""
+    blocks = [_block_docs(k.__dict__.get("__doc__") or "") for k in cls.__mro__ if dataclasses.is_dataclass(k)]
+    out: dict[str, str | None] = {}
+    for f in dataclasses.fields(cls):
+        text = next((b[f.name] for b in blocks if f.name in b), None)
+        out[f.name] = _plain(text) if text else None
+    return out
+
+
+def _type_name(tp) -> str:
+    inner, optional = _split_optional(tp)
+    if optional:
+        return f"{_type_name(inner)} | None"
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"tuple[{_type_name(args[0])}, ...]"
+        return f"tuple[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _value_text(v) -> str:
+    if isinstance(v, tuple):
+        return ",".join(str(x) for x in v) if v else "()"
+    if isinstance(v, str):
+        return repr(v) if v == "" or " " in v else v
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def config_help(cfg, section: str | None = None) -> str:
+    """Every config key of ``cfg`` (a root config instance: its values are shown as the defaults), grouped by
+    section: ``key  type = default  description``. ``section`` limits it to one; ``ValueError`` names the valid ones."""
+    sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    if section is not None and section not in sections:
+        raise ValueError(f"unknown config section {section!r}; valid sections: {', '.join(sections)}")
+    rows = []
+    for name in sections if section is None else [section]:
+        sub = getattr(cfg, name)
+        cls = type(sub)
+        summary = _plain((cls.__doc__ or "").strip().split("\n\n")[0])
+        rows.append(f"[{name}] {summary}" if summary else f"[{name}]")
+        hints, docs = _hints(cls), field_docs(cls)
+        for f in dataclasses.fields(sub):
+            if dataclasses.is_dataclass(getattr(sub, f.name)):
+                continue
+            key = f"{name}.{f.name}"
+            spec = f"{_type_name(hints[f.name])} = {_value_text(getattr(sub, f.name))}"
+            rows.append(f"  {key:<34} {spec:<28} {docs[f.name] or ''}".rstrip())
+    return "\n".join(rows)

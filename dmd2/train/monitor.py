@@ -1,5 +1,5 @@
-"""Rank-0 outputs of a run: tqdm progress, ``OUT/log.jsonl``, TensorBoard files in ``OUT/tb/`` (offline) and sample
-grids in ``OUT/samples/step-XXXXXXXX.png``.
+"""Rank-0 outputs of a run: tqdm progress, ``OUT/log.jsonl``, the loggers of ``train.loggers`` (TensorBoard in
+``OUT/tb/``, wandb: :mod:`dmd2.train.loggers`) and sample grids in ``OUT/samples/step-XXXXXXXX.png``.
 
 ``log.jsonl`` holds one JSON object per logged iteration (``"step"`` = completed iterations, losses, learning
 rates, grad norms, samples/s, peak memory). It is only ever appended to, one whole line per write; on resume,
@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,8 +21,12 @@ import torch
 __all__ = ["RunMonitor", "image_grid", "save_png"]
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None, value_range=(-1.0, 1.0)) -> np.ndarray:
-    """``(N, C, H, W)`` images (C in 1, 3) in ``value_range`` -> a ``(rows*H, cols*W, 3)`` uint8 grid, 1 px gaps."""
+def image_grid(images: torch.Tensor, nrow: int | None = None, value_range=(-1.0, 1.0),
+               row_labels: Sequence[str] = ()) -> np.ndarray:
+    """``(N, C, H, W)`` images (C in 1, 3) in ``value_range`` -> a ``(rows*H, cols*W, 3)`` uint8 grid, 1 px gaps.
+
+    ``row_labels``: one text per row (``len == rows``), written in a white margin left of the grid.
+    """
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"image_grid: expected (N, 1|3, H, W) images, got {tuple(images.shape)}")
     lo, hi = value_range
@@ -35,36 +40,65 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, value_range=(-1.0,
     for i in range(n):
         r, c = divmod(i, cols)
         grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = x[i]
-    return (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    grid = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    if row_labels:
+        if len(row_labels) != rows:
+            raise ValueError(f"image_grid: {len(row_labels)} row labels for {rows} rows")
+        grid = _label_rows(grid, list(row_labels), h + 1)
+    return grid
+
+
+def _label_rows(grid: np.ndarray, labels: list[str], pitch: int) -> np.ndarray:
+    """A white margin wide enough for the longest label, each label drawn (PIL's default font) level with its row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(probe.textbbox((0, 0), t, font=font)[2] for t in labels) + 6
+    img = Image.new("RGB", (width + grid.shape[1], grid.shape[0]), (255, 255, 255))
+    img.paste(Image.fromarray(grid), (width, 0))
+    draw = ImageDraw.Draw(img)
+    for r, text in enumerate(labels):
+        box = draw.textbbox((0, 0), text, font=font)
+        draw.text((3, 1 + r * pitch + max(0, (pitch - 1 - (box[3] - box[1])) // 2) - box[1]), text, fill=(0, 0, 0), font=font)
+    return np.asarray(img)
 
 
 def save_png(images: torch.Tensor, path: str | Path, **kw) -> Path:
+    """:func:`image_grid` of ``images`` (``kw``: its options) written as a PNG."""
+    return _write_png(image_grid(images, **kw), path)
+
+
+def _write_png(grid: np.ndarray, path: str | Path) -> Path:
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image_grid(images, **kw)).save(path)
+    Image.fromarray(grid).save(path)
     return path
 
 
 class RunMonitor:
-    """Progress bar, JSONL log, TensorBoard and sample grids; a no-op on ranks other than 0.
+    """Progress bar, JSONL log, the run loggers and sample grids; a no-op on ranks other than 0.
 
     Args:
         out: the run folder; start_step: iterations already done (resume); max_steps: total iterations.
+        loggers: names for :class:`~dmd2.train.loggers.RunLoggers`; config: the resolved config (nested dict) they
+            record as hyperparameters.
     """
 
-    def __init__(self, out: str | Path, is_main: bool, start_step: int, max_steps: int, progress: bool = True):
+    def __init__(self, out: str | Path, is_main: bool, start_step: int, max_steps: int, progress: bool = True,
+                 loggers: Sequence[str] = ("tensorboard",), config: Mapping[str, Any] | None = None):
         self.out, self.is_main = Path(out), is_main
-        self.bar = self.tb = None
+        self.bar = self.loggers = None
         if not is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_path = self.out / "log.jsonl"
         self._truncate_after(start_step)
-        from torch.utils.tensorboard import SummaryWriter
+        from .loggers import RunLoggers
 
-        self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.loggers = RunLoggers(self.out, loggers, config or {}, start_step)
         if progress:
             from tqdm.auto import tqdm
 
@@ -107,7 +141,11 @@ class RunMonitor:
         os.replace(tmp, self.log_path)
 
     def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
+        if self.bar is None:
+            return
+        if self.bar.total is not None and self.bar.n + n >= self.bar.total:
+            self.bar.n += n  # the last step: drawn once, by close() (with the final losses), not twice
+        else:
             self.bar.update(n)
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -117,18 +155,21 @@ class RunMonitor:
         record = {"step": step, **values}
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for k, v in values.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, step)
+        self.loggers.scalars(step, values)
         if self.bar is not None:
             short = {k: f"{v:.4g}" for k, v in values.items() if k.startswith("loss")}
             self.bar.set_postfix(short, refresh=False)
 
-    def samples(self, step: int, images: torch.Tensor) -> Path | None:
+    def samples(self, step: int, images: torch.Tensor, row_labels: Sequence[str] = ()) -> Path | None:
+        """``OUT/samples/step-XXXXXXXX.png`` and the loggers' ``samples`` image: ``len(row_labels)`` labelled rows
+        when given (else a square-ish grid)."""
         if not self.is_main:
             return None
-        path = save_png(images, self.out / "samples" / f"step-{step:08d}.png")
-        self.tb.add_image("samples", image_grid(images), step, dataformats="HWC")
+        nrow = math.ceil(images.shape[0] / len(row_labels)) if row_labels else None
+        grid = image_grid(images, nrow=nrow, row_labels=row_labels)
+        path = self.out / "samples" / f"step-{step:08d}.png"
+        _write_png(grid, path)
+        self.loggers.image("samples", grid, step, caption="rows: " + ", ".join(row_labels) if row_labels else "")
         return path
 
     def write(self, msg: str) -> None:
@@ -142,6 +183,5 @@ class RunMonitor:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
+        if self.loggers is not None:
+            self.loggers.close()

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..core import DMD2, EMA, BackwardSimulationSampler, CriticScheduler, GANHead, NoiseSchedule
 from . import checkpoint as ckpt
-from .config import RecipeConfig, config_to_json
+from .config import RecipeConfig, config_to_dict, config_to_json
 from .distributed import DistInfo, Trainable, all_reduce_mean, any_rank, shard_frozen, wrap_trained
 from .monitor import RunMonitor
 
@@ -84,6 +84,8 @@ class Components:
         gan_head, gan_layers: optional :class:`~dmd2.core.GANHead` and the ``fake_score`` submodule names it reads.
         sample_fn: optional ``sample_fn(generator_module, device) -> images (N, C, H, W) in [-1, 1]`` for PNG grids;
             called on every rank (collectives under FSDP2), under no-grad.
+        sample_rows: optional labels of the sample grid's rows (e.g. the class of each row); ``sample_fn`` then returns
+            ``len(sample_rows)`` rows of ``N / len(sample_rows)`` images, row after row.
         fsdp_units: optional ``module -> submodules`` to ``fully_shard`` before the root (e.g. UNet blocks).
         checkpoint_units: optional ``module -> submodules`` whose activations are recomputed when
             ``train.grad_checkpointing`` (diffusers models use their own ``enable_gradient_checkpointing``).
@@ -99,6 +101,7 @@ class Components:
     gan_head: GANHead | None = None
     gan_layers: Sequence[str] = ()
     sample_fn: Callable[[nn.Module, torch.device], torch.Tensor] | None = None
+    sample_rows: Sequence[str] = ()
     fsdp_units: Callable[[nn.Module], Iterable[nn.Module]] | None = None
     checkpoint_units: Callable[[nn.Module], Iterable[nn.Module]] | None = None
 
@@ -427,7 +430,7 @@ class Trainer:
         with self._autocast():
             imgs = self.c.sample_fn(self.gen, self.device)
         self.gen.train(was)
-        self.monitor.samples(self.step, imgs.float())
+        self.monitor.samples(self.step, imgs.float(), self.c.sample_rows)
         return imgs
 
     # -- checkpoints -------------------------------------------------------------------------------------------
@@ -618,7 +621,8 @@ class Trainer:
                     stack.callback(signal.signal, sig, signal.signal(sig, self._on_signal))
             if resume is not None:
                 self.load(resume)
-            self.monitor = RunMonitor(self.out, self.info.is_main, self.step, t.max_steps, progress=t.progress)
+            self.monitor = RunMonitor(self.out, self.info.is_main, self.step, t.max_steps, progress=t.progress,
+                                      loggers=t.logger_names(), config=config_to_dict(self.cfg))
             stack.callback(self.monitor.close)
             if self.info.is_main:
                 (self.out / "config.json").write_text(config_to_json(self.cfg))

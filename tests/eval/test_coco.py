@@ -7,8 +7,9 @@ import pytest
 import scipy.linalg
 import torch
 
+from dmd2.eval.metrics import frechet_distance_from_features
 from dmd2.eval.coco import (CLIP_PREFIX, center_crop, clip_score, evaluate_images,
-                            frechet_distance_of, inception_features, load_clip, load_inception, read_coco_captions)
+                            inception_features, load_clip, load_inception, read_coco_captions)
 
 
 def _coco(tmp_path, n=6):
@@ -46,14 +47,18 @@ def test_center_crop_resize_and_patch():
         center_crop(arr[:100, :100], 299, resize=False)
 
 
-def test_frechet_distance_closed_form():
+def test_frechet_distance_closed_form_and_clean_fid():
+    """The one Frechet distance (dmd2.eval.metrics) gives the closed form and clean-fid's number on the same features."""
+    from cleanfid.fid import frechet_distance as clean_frechet
+
     g = np.random.default_rng(1)
     a = g.normal(size=(4000, 3)) @ np.diag([1.0, 2.0, 0.5])
     b = g.normal(size=(4000, 3)) + np.array([1.0, -1.0, 0.0])
     mu_a, mu_b, s_a, s_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     ref = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * scipy.linalg.sqrtm(s_a @ s_b).real)
-    assert frechet_distance_of(a, b) == pytest.approx(ref, rel=1e-6)
-    assert frechet_distance_of(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance_from_features(a, b) == pytest.approx(ref, rel=1e-6)
+    assert frechet_distance_from_features(a, b) == pytest.approx(clean_frechet(mu_a, s_a, mu_b, s_b), rel=1e-9)
+    assert frechet_distance_from_features(a, a) == pytest.approx(0.0, abs=1e-6)
 
 
 class _TinyFeatures(torch.nn.Module):
