@@ -94,7 +94,7 @@ def test_tiny_run_folder(tiny):
     for step in (3, 6):
         files = sorted(p.name for p in ckpt(tiny, step).iterdir())
         assert files == ["config.json", "ema.safetensors", "fake_score.safetensors", "gan_head.safetensors",
-                         "generator.safetensors", "state.pt"]
+                         "generator.safetensors", "manifest.json", "state.pt"]
     logs = [json.loads(l) for l in (tiny / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [2, 4, 6]
     for key in ("loss_fake", "loss_gan_d", "loss_critic"):
