@@ -64,12 +64,13 @@ def elsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def bench(fn: Callable[[], object], quick: bool) -> float:
-    """Median milliseconds of ``fn()``."""
+def bench(fn: Callable[[], object], quick: bool, rep_ms: int | None = None) -> float:
+    """Median milliseconds of ``fn()``; on CUDA ``do_bench`` over ``rep_ms`` (default 50 quick, 500 full; warm-up a fifth, >= 25)."""
     if torch.cuda.is_available():
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=50 if quick else 500, return_mode="median"))
+        rep = rep_ms or (50 if quick else 500)
+        return float(triton.testing.do_bench(fn, warmup=max(25, rep // 5), rep=rep, return_mode="median"))
     fn()  # warm up (and compile)
     times = []
     budget = time.perf_counter() + (0.3 if quick else 3.0)
@@ -80,10 +81,10 @@ def bench(fn: Callable[[], object], quick: bool) -> float:
     return statistics.median(times)
 
 
-def copy_gbps(numel: int, dtype: torch.dtype, device, quick: bool) -> float:
+def copy_gbps(numel: int, dtype: torch.dtype, device, quick: bool, rep_ms: int | None = None) -> float:
     src = torch.randn(numel, device=device).to(dtype)
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src), quick)
+    ms = bench(lambda: dst.copy_(src), quick, rep_ms)
     return 2 * numel * elsize(dtype) / ms / 1e6
 
 
@@ -105,7 +106,7 @@ def providers(op: Op, device: torch.device, wanted=None) -> tuple[dict[str, Call
     return run, skipped
 
 
-def _timed(op: Op, fn: Callable, inputs: dict, mode: str, quick: bool) -> float:
+def _timed(op: Op, fn: Callable, inputs: dict, mode: str, quick: bool, rep_ms: int | None) -> float:
     grad_inputs = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
     def forward():
@@ -113,15 +114,17 @@ def _timed(op: Op, fn: Callable, inputs: dict, mode: str, quick: bool) -> float:
 
     if mode == "forward":
         with torch.no_grad():
-            return bench(forward, quick)
+            return bench(forward, quick, rep_ms)
     out = forward()
     up = torch.randn_like(out)
     if mode == "backward":
-        return bench(lambda: torch.autograd.grad(out, grad_inputs, up, retain_graph=True), quick)
-    return bench(lambda: torch.autograd.grad(forward(), grad_inputs, up), quick)
+        return bench(lambda: torch.autograd.grad(out, grad_inputs, up, retain_graph=True), quick, rep_ms)
+    return bench(lambda: torch.autograd.grad(forward(), grad_inputs, up), quick, rep_ms)
 
 
-def run_op(op: Op, shapes: dict, dtypes, device: torch.device, quick: bool, wanted=None, note: str = "") -> list[dict]:
+def run_op(op: Op, shapes: dict, dtypes, device: torch.device, quick: bool, wanted=None, note: str = "",
+           rep_ms: int | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Rows of every (shape, dtype, provider, mode); ``on_row(row)`` as soon as each is measured."""
     import triton
 
     rows = []
@@ -132,7 +135,7 @@ def run_op(op: Op, shapes: dict, dtypes, device: torch.device, quick: bool, want
     for shape_name, shape in shapes.items():
         for dtype in dtypes:
             numel = torch.Size(shape).numel()
-            copy = copy_gbps(numel, dtype, device, quick)
+            copy = copy_gbps(numel, dtype, device, quick, rep_ms)
             eager = {}
             for prov, fn in provs.items():
                 for mode in MODES if op.has_backward else ("forward",):
@@ -142,7 +145,7 @@ def run_op(op: Op, shapes: dict, dtypes, device: torch.device, quick: bool, want
                         torch.cuda.reset_peak_memory_stats()
                         base = torch.cuda.memory_allocated()
                     try:
-                        ms = _timed(op, fn, inputs, mode, quick)
+                        ms = _timed(op, fn, inputs, mode, quick, rep_ms)
                     except Exception as e:  # a provider that cannot run this case is reported, not fatal
                         print(f"  {op.name} {shape_name} {dtype} {prov} {mode}: failed: {type(e).__name__}: {e}")
                         continue
@@ -160,6 +163,8 @@ def run_op(op: Op, shapes: dict, dtypes, device: torch.device, quick: bool, want
                     if device.type == "cpu" and prov == "triton":
                         rows[-1]["note"] = (note + " triton-interpreter").strip()
                     r = rows[-1]
+                    if on_row is not None:
+                        on_row(r)
                     print(f"  {op.name:13s} {r['shape']:24s} {r['dtype']:8s} {prov:13s} {mode:8s} {r['median_ms']:>10s} ms"
                           f" {r['gbps']:>9s} GB/s {r['pct_copy']:>6s}% copy  x{r['speedup_vs_eager'] or '-'} eager")
     return rows

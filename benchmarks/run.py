@@ -1,10 +1,13 @@
-"""Run the kernel benchmarks: ``python benchmarks/run.py [--quick] [--ops a,b] [--providers p,q] [--dtypes ...]``.
+"""Run the kernel benchmarks: ``python benchmarks/run.py [--quick] [--ops a,b] [--providers p,q] [--dtypes ...]
+[--csv PATH] [--rep-ms MS]``.
 
 Full run (GPU): SDXL latents (B = 2 and 16, 4x128x128) and ImageNet-64 (B = 40, 3x64x64) in bf16 and fp32; results
 are appended to ``benchmarks/results/<device>.csv`` (committed) with a PNG plot next to it. ``--quick``: every op at
 one small shape, written to the git-ignored ``benchmarks/results/quick-<device>.csv``; on CPU it runs the Triton
 kernels in Triton's interpreter (correctness of the benchmark code only; those timings mean nothing) and skips, with
-the reason, what cannot run there.
+the reason, what cannot run there. ``--csv`` writes elsewhere (the plot beside it); each row is appended as soon as it
+is measured, so a run stopped part-way keeps what it measured. ``--rep-ms`` sets ``do_bench``'s timed window on CUDA (default 500 ms,
+50 with ``--quick``; warm-up a fifth of it, at least 25 ms).
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ def main(argv=None) -> None:
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
     ap.add_argument("--providers", default="", help="comma-separated subset (default: all available)")
     ap.add_argument("--dtypes", default="", help="comma-separated among float32,bfloat16")
+    ap.add_argument("--csv", default=None, help="CSV to append to (default benchmarks/results/[quick-]<device>.csv)")
+    ap.add_argument("--rep-ms", type=int, default=None, help="do_bench's timed window per measurement on CUDA")
     args = ap.parse_args(argv)
     ops = [o for o in args.ops.split(",") if o]
     for o in ops:
@@ -50,13 +55,13 @@ def main(argv=None) -> None:
     shapes = harness.QUICK_SHAPES if args.quick else harness.FULL_SHAPES
     print(f"device: {harness.device_name()}  torch {torch.__version__}  quick={args.quick}")
     t0 = time.perf_counter()
+    stem = ("quick-" if args.quick else "") + harness.device_name()
+    out = Path(args.csv) if args.csv else HERE / "results" / f"{stem}.csv"
     rows = []
     for name in ops:
         mod = __import__(f"bench_{name}")
-        rows += harness.run_op(mod.OP, shapes, dtypes, device, args.quick, wanted)
-    stem = ("quick-" if args.quick else "") + harness.device_name()
-    out = HERE / "results" / f"{stem}.csv"
-    harness.write(rows, out)
+        rows += harness.run_op(mod.OP, shapes, dtypes, device, args.quick, wanted, rep_ms=args.rep_ms,
+                               on_row=lambda r: harness.write([r], out))
     harness.plot(rows, out.with_suffix(".png"))
     print(f"{len(rows)} rows appended to {out} (plot: {out.with_suffix('.png').name}) in {time.perf_counter() - t0:.1f} s")
 

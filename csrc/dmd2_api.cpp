@@ -61,9 +61,12 @@ void check_device(const at::Tensor& t, const char* op, const char* name) {
 #endif
 }
 
+// The acceptance rules every backend shares (dmd2/kernels/contracts.py): a non-empty (B, ...) tensor, B >= 1,
+// of dtype float32 / bfloat16 / float16.
 void check_float_tensor(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK_VALUE(t.defined(), op, ": ", name, " is an undefined tensor");
-  TORCH_CHECK_VALUE(t.dim() >= 1, op, ": expected ", name, " with a leading batch dimension (B, ...), got a 0-d tensor");
+  TORCH_CHECK_VALUE(t.dim() >= 1 && t.numel() > 0, op, ": expected ", name,
+                    " to be a non-empty (B, ...) tensor with B >= 1, got shape ", shape_str(t));
   TORCH_CHECK_VALUE(is_supported_dtype(t.scalar_type()), op, ": expected ", name,
                     " of dtype float32, bfloat16 or float16, got ", t.scalar_type());
   check_device(t, op, name);
@@ -94,7 +97,6 @@ void check_dm_inputs(const at::Tensor& x, const at::Tensor& real_x0, const at::T
 at::Tensor dm_grad_ext(const at::Tensor& x, const at::Tensor& real_x0, const at::Tensor& fake_x0, double eps) {
   check_dm_inputs(x, real_x0, fake_x0, eps, "dmd2::dm_grad_ext");
   at::Tensor g = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (g.numel() == 0) return g;
   const at::Tensor xs = with_contiguous_samples(x);
   const at::Tensor rs = with_contiguous_samples(real_x0);
   const at::Tensor fs = with_contiguous_samples(fake_x0);
@@ -138,7 +140,6 @@ at::Tensor noise_add_ext(const at::Tensor& x0, const at::Tensor& alpha, const at
                     ": offset + numel must not exceed 2**63, got offset=", offset, " with ", x0.numel(), " elements");
 
   at::Tensor out = at::empty(x0.sizes(), x0.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
   const at::Tensor xs = with_contiguous_samples(x0);
   const at::Tensor a = alpha.to(at::kFloat).contiguous();
   const at::Tensor s = sigma.to(at::kFloat).contiguous();

@@ -128,13 +128,13 @@ void noise_add_cpu_typed(const at::Tensor& x0, const at::Tensor& alpha, const at
 
 void dm_grad_cpu(const at::Tensor& x, const at::Tensor& real_x0, const at::Tensor& fake_x0, double eps,
                  at::Tensor& g) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dmd2_dm_grad_cpu",
+  DMD2_DISPATCH_DTYPES(x.scalar_type(), "dmd2_dm_grad_cpu",
                                   [&] { dm_grad_cpu_typed<scalar_t>(x, real_x0, fake_x0, eps, g); });
 }
 
 void noise_add_cpu(const at::Tensor& x0, const at::Tensor& alpha, const at::Tensor& sigma, uint64_t seed,
                    uint64_t offset, at::Tensor& out) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "dmd2_noise_add_cpu",
+  DMD2_DISPATCH_DTYPES(x0.scalar_type(), "dmd2_noise_add_cpu",
                                   [&] { noise_add_cpu_typed<scalar_t>(x0, alpha, sigma, seed, offset, out); });
 }
 

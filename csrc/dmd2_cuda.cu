@@ -206,7 +206,7 @@ void dm_grad_cuda(const at::Tensor& x, const at::Tensor& real_x0, const at::Tens
                   at::Tensor& g) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = sample_numel(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dmd2_dm_grad_cuda", [&] {
+  DMD2_DISPATCH_DTYPES(x.scalar_type(), "dmd2_dm_grad_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = rows_aligned16(x, x.stride(0)) && rows_aligned16(real_x0, real_x0.stride(0)) &&
                      rows_aligned16(fake_x0, fake_x0.stride(0)) && rows_aligned16(g, n);
@@ -222,7 +222,7 @@ void noise_add_cuda(const at::Tensor& x0, const at::Tensor& alpha, const at::Ten
                     uint64_t offset, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(x0.device());
   const int64_t n = sample_numel(x0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "dmd2_noise_add_cuda", [&] {
+  DMD2_DISPATCH_DTYPES(x0.scalar_type(), "dmd2_noise_add_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
     if (rows_aligned16(x0, x0.stride(0)) && rows_aligned16(out, n)) {
       launch_noise_add<scalar_t, kVec>(x0, alpha, sigma, seed, offset, out);

@@ -1,19 +1,26 @@
 // Kernel launchers behind csrc/dmd2_api.cpp. The binding has checked every input before these run:
-//   * tensors are (B, ...) on one device, dtype float32 / bfloat16 / float16, and the elements of each sample are
-//     contiguous in memory (any batch stride; stride(0) is passed as the batch stride);
+//   * tensors are non-empty (B, ...) on one device, dtype float32 / bfloat16 / float16, and the elements of each
+//     sample are contiguous in memory (any batch stride; stride(0) is passed as the batch stride);
 //   * outputs are fresh contiguous tensors shaped like the first input;
 //   * alpha / sigma are contiguous float32 (B,) tensors on the device of x0.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 
 namespace dmd2 {
 
-// Number of elements of one sample of a (B, ...) tensor (1 for a (B,) tensor).
+// The dtypes the binding accepts (dmd2/kernels/contracts.py DTYPES), and no other: float32, bfloat16, float16.
+#define DMD2_DISPATCH_DTYPES(TYPE, NAME, ...)                                                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                       \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)                \
+                                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+// Number of elements of one sample of a non-empty (B, ...) tensor (1 for a (B,) tensor).
 inline int64_t sample_numel(const at::Tensor& t) {
-  return t.size(0) == 0 ? 0 : t.numel() / t.size(0);
+  return t.numel() / t.size(0);
 }
 
 // g_i = (fake_i - real_i) / (mean_j |x_ij - real_ij| + eps), math in float32.

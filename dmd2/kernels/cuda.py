@@ -16,9 +16,14 @@ Operators (namespace ``dmd2``, defined in ``csrc/dmd2_api.cpp``; fake kernels an
 
 Math in float32 for float32 / bfloat16 / float16 inputs; outputs in the input dtype, contiguous.
 
+Inputs follow the acceptance rules of :mod:`dmd2.kernels.contracts` (non-empty ``(B, ...)`` data tensors of
+float32 / bfloat16 / float16, the same as every backend); the extension lacks ``philox_normal``, ``fused_dm`` and
+``denoise_loss`` (declared there: ``impl="ext"`` raises for them, ``impl="auto"`` never picks it for them).
+
 The extension is compiled on first use (see :mod:`dmd2.kernels.ext_build`). ``impl="ext"`` raises ``RuntimeError``
-with the build error when it cannot be built; :func:`auto_status` is the policy for ``impl="auto"``: one warning and
-a fallback, or an error when ``DMD2_REQUIRE_EXT=1`` (CI).
+with the build error when it cannot be built; :func:`auto_status` is what ``impl="auto"`` does when it reaches the
+extension (CUDA tensors, Triton unable to run): one warning and a fallback to the reference, or an error when
+``DMD2_REQUIRE_EXT=1`` (CI).
 
 Command line (``python -m dmd2.kernels.cuda ...``)::
 
@@ -42,7 +47,6 @@ from . import ext_build, reference, register
 __all__ = ["dm_grad", "dm_loss", "noise_add", "availability", "auto_status", "ensure_loaded", "REQUIRE_ENV", "main"]
 
 REQUIRE_ENV = "DMD2_REQUIRE_EXT"
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 _lock = threading.Lock()
 _failure: str | None = None  # build error of this process (not retried)
@@ -76,8 +80,11 @@ def ensure_loaded() -> None:
         _register_python_side()
 
 
-def availability() -> str | None:
-    """``None`` when the extension is usable (building it if needed), else the reason; used by the dispatch."""
+def availability(*tensors) -> str | None:
+    """``None`` when the extension is usable (building it if needed), else the reason; used by the dispatch.
+
+    The answer does not depend on ``tensors`` (a CUDA tensor given to the C++-only build is refused by the op itself,
+    naming the build)."""
     try:
         ensure_loaded()
     except RuntimeError as e:
@@ -85,11 +92,12 @@ def availability() -> str | None:
     return None
 
 
-def auto_status() -> bool:
-    """Policy for ``impl="auto"``: True when the extension is usable.
+def auto_status(*tensors) -> bool:
+    """What :func:`dmd2.kernels.resolve` does with the extension under ``impl="auto"``: True when it is usable.
 
-    When it is not, warn once and return False (the caller falls back), or raise ``RuntimeError`` when
-    ``DMD2_REQUIRE_EXT=1`` (CI: a failed build is an error).
+    Reached only for CUDA tensors when Triton cannot run, for the ops the extension declares
+    (:data:`dmd2.kernels.contracts.AUTO_ORDER`). When it is not usable, warn once and return False (``resolve`` falls
+    back to the reference), or raise ``RuntimeError`` when ``DMD2_REQUIRE_EXT=1`` (CI: a failed build is an error).
     """
     global _warned
     reason = availability()
@@ -107,14 +115,8 @@ def auto_status() -> bool:
 # Fake (meta) kernels and autograd; registered once the C++ library has defined the operators
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _check_dtype(op: str, name: str, t: torch.Tensor) -> None:
-    if t.dtype not in _SUPPORTED:
-        raise ValueError(f"{op}: expected {name} of dtype float32, bfloat16 or float16, got {t.dtype}")
-
-
 def _dm_grad_fake(x, real_x0, fake_x0, eps=1e-6):
     reference.check_dm_inputs(x, real_x0, fake_x0)
-    _check_dtype("dmd2::dm_grad_ext", "x", x)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -124,9 +126,7 @@ def _dm_loss_fake(x, real_x0, fake_x0, eps=1e-6):
 
 
 def _noise_add_fake(x0, alpha, sigma, seed, offset):
-    _check_dtype("dmd2::noise_add_ext", "x0", x0)
-    if x0.dim() < 1:
-        raise ValueError("dmd2::noise_add_ext: expected x0 with a leading batch dimension (B, ...), got a 0-d tensor")
+    reference.check_batched("x0", x0)
     for name, t in (("alpha", alpha), ("sigma", sigma)):
         if t.dim() != 1 or t.shape[0] != x0.shape[0]:
             raise ValueError(f"dmd2::noise_add_ext: expected {name} of shape ({x0.shape[0]},), got {tuple(t.shape)}")
@@ -145,21 +145,7 @@ def _dm_grad_setup(ctx, inputs, output):
 
 
 def _dm_grad_backward(ctx, grad_g):
-    r"""Vector-Jacobian product of g = (f - r) / d, d = mean|x - r| + eps, per sample over n elements:
-
-    grad_f = G / d;  with s = sum_j G_j (f_j - r_j):  grad_x = -s / d^2 * sign(x - r) / n;  grad_r = -G / d - grad_x.
-    """
-    x, real_x0, fake_x0 = ctx.saved_tensors
-    xf, rf, ff, gf = x.float(), real_x0.float(), fake_x0.float(), grad_g.float()
-    dims = tuple(range(1, x.dim()))
-    n = xf[0].numel() if x.shape[0] > 0 else 1
-    diff = xf - rf
-    d = (diff.abs().mean(dim=dims, keepdim=True) if dims else diff.abs()) + ctx.eps
-    s = (gf * (ff - rf)).sum(dim=dims, keepdim=True) if dims else gf * (ff - rf)
-    grad_f = gf / d
-    grad_x = (-s / (d * d)) * torch.sign(diff) / n
-    grad_r = -grad_f - grad_x
-    return grad_x.to(x.dtype), grad_r.to(real_x0.dtype), grad_f.to(fake_x0.dtype), None
+    return (*reference.dm_grad_vjp(*ctx.saved_tensors, grad_g, ctx.eps), None)
 
 
 def _dm_loss_setup(ctx, inputs, output):
@@ -255,7 +241,7 @@ def noise_add(x0: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, seed: 
     return torch.ops.dmd2.noise_add_ext(x0, alpha, sigma, seed, offset)
 
 
-register("dm_grad", "ext", dm_grad, availability)
+register("dm_grad", "ext", dm_grad, availability, auto_status)
 register("dm_loss", "ext", dm_loss)
 register("noise_add", "ext", noise_add)
 

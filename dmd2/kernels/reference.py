@@ -4,7 +4,8 @@ Every other implementation (Triton in ``dmd2/kernels/triton``, the C++/CUDA exte
 agree with the functions here; tests and benchmarks import them from this module.
 
 All math runs in float32 whatever the input dtype (bf16 / fp16 inputs are upcast on entry) and results are
-returned in the dtype of ``x``.
+returned in the dtype of ``x``. The ``check_*`` functions are the acceptance rules every backend shares
+(:mod:`dmd2.kernels.contracts`): data tensors non-empty ``(B, ...)`` of float32 / bfloat16 / float16.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from typing import NamedTuple
 
 import torch
 
+from .contracts import DTYPES
+
 __all__ = [
-    "dm_grad", "dm_loss", "cfg", "check_dm_inputs",
+    "dm_grad", "dm_grad_vjp", "dm_loss", "cfg", "check_batched", "check_dm_inputs",
     "philox4x32_10", "uint32_to_uniform", "box_muller", "philox_normal",
     "noise_add", "fused_dm", "FusedDMOutput", "denoise_loss",
     "check_noise_add_inputs", "check_fused_dm_inputs", "check_denoise_loss_inputs",
@@ -25,7 +28,7 @@ def check_dm_inputs(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tenso
 
     Only metadata is read: no host synchronisation.
     """
-    _check_batched("x", x)
+    check_batched("x", x)
     for name, t in (("real_x0", real_x0), ("fake_x0", fake_x0)):
         if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] != x.shape[0]:
             raise ValueError(f"batch size mismatch: x has B={x.shape[0]} but {name} has B={t.shape[0]}")
@@ -59,6 +62,32 @@ def dm_grad(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, eps: 
     else:  # (B,) inputs: one element per sample
         norm = (xf - rf).abs()
     return ((ff - rf) / (norm + eps)).to(x.dtype)
+
+
+def dm_grad_vjp(
+    x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, grad_g: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Vector-Jacobian product of :func:`dm_grad` for an upstream gradient ``G`` (the fused backends' backward).
+
+    Per sample, with :math:`d = \operatorname{mean}_j |x_j - r_j| + \epsilon` over ``n`` elements and
+    :math:`s = \sum_j G_j (f_j - r_j)`:
+
+    .. math::
+        \partial_f = G / d,\quad \partial_x = -\frac{s}{d^2} \frac{\operatorname{sign}(x - r)}{n},\quad
+        \partial_r = -G / d - \partial_x
+
+    Math in float32; returns ``(grad_x, grad_real_x0, grad_fake_x0)`` in the inputs' dtypes.
+    """
+    xf, rf, ff, gf = x.float(), real_x0.float(), fake_x0.float(), grad_g.float()
+    dims = tuple(range(1, x.dim()))
+    n = xf[0].numel()
+    diff = xf - rf
+    d = (diff.abs().mean(dim=dims, keepdim=True) if dims else diff.abs()) + eps
+    s = (gf * (ff - rf)).sum(dim=dims, keepdim=True) if dims else gf * (ff - rf)
+    grad_f = gf / d
+    grad_x = (-s / (d * d)) * torch.sign(diff) / n
+    grad_r = -grad_f - grad_x
+    return grad_x.to(x.dtype), grad_r.to(real_x0.dtype), grad_f.to(fake_x0.dtype)
 
 
 def dm_loss(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -249,13 +278,15 @@ def _check_like(name: str, t, x: torch.Tensor, x_name: str = "x") -> None:
         raise ValueError(f"device mismatch: expected {name} on {x.device} (like {x_name}), got {t.device}")
 
 
-def _check_batched(name: str, x) -> None:
+def check_batched(name: str, x) -> None:
+    """Raise ``ValueError`` unless ``x`` is a data tensor every backend accepts: ``(B, ...)`` with ``B >= 1`` and no
+    zero-sized dimension, of dtype float32, bfloat16 or float16 (metadata only)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"{name} must have a non-empty leading batch dimension (B, ...), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor (fp32, bf16 or fp16), got {x.dtype}")
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty (B, ...) tensor with B >= 1, got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"{name} must be a floating-point tensor of dtype float32, bfloat16 or float16, got {x.dtype}")
 
 
 def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +296,7 @@ def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def check_noise_add_inputs(x0, alpha, sigma, seed, offset) -> None:
     """Raise ``ValueError`` on inputs :func:`noise_add` cannot take (metadata only, no host sync)."""
-    _check_batched("x0", x0)
+    check_batched("x0", x0)
     _check_per_sample("alpha", alpha, x0)
     _check_per_sample("sigma", sigma, x0)
     _check_seed_offset(seed, offset, x0.numel())
@@ -314,7 +345,7 @@ class FusedDMOutput(NamedTuple):
 
 def check_fused_dm_inputs(x, x_t, real_cond, real_uncond, fake, alpha, sigma, guidance_scale, prediction) -> None:
     """Raise ``ValueError`` on inputs :func:`fused_dm` cannot take (metadata only, no host sync)."""
-    _check_batched("x", x)
+    check_batched("x", x)
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     _check_like("real_cond", real_cond, x)
@@ -346,7 +377,7 @@ def fused_dm(
     eps: float = 1e-6,
     return_x0: bool = False,
 ) -> FusedDMOutput:
-    r"""The whole distribution-matching step of DMD2's generator update (Sec. 3, Eq. 2; DESIGN "generator update" 3-4).
+    r"""The whole distribution-matching step of DMD2's generator update (Sec. 3, Eq. 2; docs/design.md "Generator update" 3-4).
 
     With ``P`` the prediction-to-x0 map (``P(y) = y`` for ``prediction="x0"``, ``P(y) = (x_t - sigma_b y) / alpha_b``
     for ``prediction="eps"``) and ``s`` the CFG scale:
@@ -397,7 +428,7 @@ TARGETS = ("eps", "x0")
 
 def check_denoise_loss_inputs(pred, weight, target, x0, seed, offset) -> None:
     """Raise ``ValueError`` on inputs :func:`denoise_loss` cannot take (metadata only, no host sync)."""
-    _check_batched("pred", pred)
+    check_batched("pred", pred)
     _check_per_sample("weight", weight, pred)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -419,7 +450,7 @@ def denoise_loss(
     seed: int | None = None,
     offset: int | None = None,
 ) -> torch.Tensor:
-    r"""Per-sample weighted denoising score-matching loss of the critic (DMD2 Sec. 4.2; DESIGN "critic update" 2).
+    r"""Per-sample weighted denoising score-matching loss of the critic (DMD2 Sec. 4.2; docs/design.md "Critic update" 2).
 
     .. math:: L_b = w_b \operatorname{mean}_j (\mathrm{pred}_{bj} - y_{bj})^2
 

@@ -9,6 +9,9 @@ Presets + builders on :mod:`dmd2.train` (no loop of its own)::
     python -m dmd2.recipes.sdxl sample CKPT OUT.png ["a prompt" ...]   # a sample grid from a checkpoint
     python -m dmd2.recipes.sdxl memory                            # memory plan per mode (meta-device SDXL UNet)
     python -m dmd2.recipes.sdxl cache-latents OUT_DIR             # VAE latents of data.real, for data.real_kind=latents
+    python -m dmd2.recipes.sdxl ode-pairs PAIRS --num 10000 --preset ode-paper   # the 1-step warm start
+    python -m dmd2.recipes.sdxl ode-pretrain PAIRS --preset ode-paper --out WARM  # (:mod:`dmd2.recipes.sdxl_ode`)
+    python -m dmd2.recipes.sdxl --preset paper --steps 1 model.generator_init=WARM ...
 
 The pieces: teacher = SDXL with classifier-free guidance 8 (standard form, one batched 2B forward, unconditional =
 zero text embeddings); generator and fake score initialised from the teacher (full copies or LoRA adapters, per
@@ -28,6 +31,8 @@ import torch
 from ..core import BackwardSimulationSampler, CFGDenoiser, GANHead
 from ..models.sdxl import DEFAULT_LORA_TARGETS, MEMORY_MODES, PromptEncoder, build_networks, load_sdxl
 from ..train import Components, IndexedBatches, Recipe, RecipeConfig, apply_overrides, main
+from .sdxl_ode import (ODE_PRESETS, SDXLODEConfig, generator_init_checkpoint, load_generator_init, ode_pairs_command,
+                       ode_pretrain_command)
 
 __all__ = ["SDXLModelConfig", "SDXLDataConfig", "SDXLExportConfig", "SDXLEvalConfig", "SDXLConfig", "grid", "build",
            "base_path", "PRESETS", "RECIPE", "DTYPES"]
@@ -51,6 +56,8 @@ class SDXLModelConfig:
         uncond: ``zeros`` (zero text embeddings, the paper's choice) or ``empty`` (the encoded empty prompt).
         resolution: training resolution in pixels (time ids ``(R, R, 0, 0, R, R)``).
         gan_hidden, gan_depth: the GAN head on the fake UNet's mid-block.
+        generator_init: start the generator (``full`` mode) from this ``ode-pretrain`` output (its run folder or a
+            checkpoint folder) instead of the teacher - the official 1-step run's warm start; empty: the teacher.
     """
 
     path: str = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -67,6 +74,7 @@ class SDXLModelConfig:
     resolution: int = 1024
     gan_hidden: int = 256
     gan_depth: int = 2
+    generator_init: str = ""
 
     def __post_init__(self):
         if self.memory_mode not in MEMORY_MODES:
@@ -161,6 +169,7 @@ class SDXLConfig(RecipeConfig):
     data: SDXLDataConfig = field(default_factory=SDXLDataConfig)
     export: SDXLExportConfig = field(default_factory=SDXLExportConfig)
     eval: SDXLEvalConfig = field(default_factory=SDXLEvalConfig)
+    ode: SDXLODEConfig = field(default_factory=SDXLODEConfig)
 
 
 def grid(steps: int) -> list[int]:
@@ -233,6 +242,11 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     if m.memory_mode != "full" and t.distributed == "fsdp2":
         raise ValueError(f"model.memory_mode={m.memory_mode} shares frozen weights between networks and runs on one GPU "
                          "or with train.distributed=ddp; use model.memory_mode=full for fsdp2")
+    init = None
+    if m.generator_init:  # checked before anything is loaded
+        if m.memory_mode != "full":
+            raise ValueError(f"model.generator_init holds a full UNet; it needs model.memory_mode=full, got {m.memory_mode}")
+        init = generator_init_checkpoint(m.generator_init)
     prompts_path, real_path = d.prompts, d.real
     if m.tiny:
         from ..models.sdxl_tiny import write_tiny_sdxl
@@ -259,6 +273,8 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     frozen = DTYPES[m.frozen_dtype]
     nets = build_networks(parts.unet, parts.schedule, parts.prediction_type, m.memory_mode, m.lora_rank, m.lora_alpha,
                           m.lora_targets, frozen).to(device)
+    if init is not None and not receives:  # the other ranks receive the warm start from rank 0 too
+        load_generator_init(nets.generator, init)
     for module, dtype in ((parts.text_encoder, frozen), (parts.text_encoder_2, frozen), (parts.vae, DTYPES[m.vae_dtype])):
         module.to(device) if next(module.parameters()).dtype == dtype else module.to(device, dtype)
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2)
@@ -431,6 +447,10 @@ PRESETS = {
     },
 }
 
+# the 1-step warm start's commands (ode-pairs, ode-pretrain): the official regression, and a CPU run of it
+PRESETS["ode-paper"] = ODE_PRESETS["paper"]
+PRESETS["ode-tiny"] = {**PRESETS["tiny"], **ODE_PRESETS["tiny"]}
+
 #: defaults = the paper's hyperparameters (single process; ``--preset paper`` adds FSDP2 for torchrun)
 DEFAULT_CONFIG = apply_overrides(SDXLConfig(), _PAPER)
 
@@ -445,7 +465,8 @@ def next_steps(cfg: SDXLConfig, ckpt: Path) -> list[str]:
 
 RECIPE = Recipe(name="sdxl", config=DEFAULT_CONFIG, build=build, presets=PRESETS, next_steps=next_steps,
                 commands={"export": export_command, "sample": sample_command, "memory": memory_command, "cache-latents": cache_latents_command,
-                          "eval": eval_command})
+                          "eval": eval_command, "ode-pairs": ode_pairs_command, "ode-pretrain": ode_pretrain_command},
+                flags={"--num": "ode.num"})
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process

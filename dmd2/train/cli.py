@@ -6,8 +6,8 @@
 COMMAND defaults to ``train``; a recipe registers more in :attr:`Recipe.commands`. The config is resolved as:
 the recipe's defaults, then the preset's overrides, then the ``--config`` file (a saved ``OUT/config.json`` or a
 JSON / YAML file of overrides), then ``--out`` (``train.out``), ``--resume`` (``train.resume``), ``--steps``
-(``sampler.steps``), then the ``key.sub=value`` overrides in order; ``train.origin`` records that chain.
-``--dry-run`` prints the resolved config as JSON and writes nothing. ``--help`` lists the commands, presets and every
+(``sampler.steps``), then the recipe's own flags (:attr:`Recipe.flags`, e.g. ``--num``), then the ``key.sub=value``
+overrides in order; ``train.origin`` records that chain. ``--dry-run`` prints the resolved config as JSON and writes nothing. ``--help`` lists the commands, presets and every
 config key (type, default, description; generated from the config dataclasses), ``--help-config SECTION`` one
 section. Bad input (unknown key, preset, section or command) prints ``error: ...`` and returns 2.
 """
@@ -44,6 +44,7 @@ class Recipe:
         presets: name -> overrides (a ``{"a.b": value}`` dict or a list of ``"a.b=value"`` strings); every recipe
             has ``tiny``.
         commands: extra sub-commands, name -> ``fn(cfg, args) -> exit code`` (``args``: the positional arguments).
+        flags: extra options that set one config key each, e.g. ``{"--num": "ode.num"}`` (applied like ``--steps``).
         next_steps: ``next_steps(cfg, checkpoint) -> [command line, ...]``: what to run on a finished run (sample,
             export, evaluate), printed in the summary after ``train``.
     """
@@ -53,6 +54,7 @@ class Recipe:
     build: Callable | None
     presets: Mapping[str, Any] = field(default_factory=dict)
     commands: Mapping[str, Callable[[RecipeConfig, list[str]], int]] = field(default_factory=dict)
+    flags: Mapping[str, str] = field(default_factory=dict)
     next_steps: Callable[[RecipeConfig, Path], Sequence[str]] | None = None
 
 
@@ -72,6 +74,8 @@ def _parser(recipe: Recipe) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="student sampling steps (sampler.steps)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume although the config differs from the checkpoint's (the differences are printed)")
+    for flag, key in recipe.flags.items():
+        p.add_argument(flag, dest="flag:" + key, metavar=key.rsplit(".", 1)[-1].upper(), default=None, help=f"sets {key}")
     return p
 
 
@@ -262,7 +266,9 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
         positional = [r for r in rest if "=" not in r]
         if command == "train" and positional:
             raise ValueError(f"train takes no positional arguments, got {positional} (overrides look like key.sub=value)")
-        cfg = resolve_config(recipe, args.preset, overrides, args.out, args.resume, args.steps, args.config)
+        flagged = [f"{key}={getattr(args, 'flag:' + key)}" for key in recipe.flags.values()
+                   if getattr(args, "flag:" + key) is not None]
+        cfg = resolve_config(recipe, args.preset, flagged + overrides, args.out, args.resume, args.steps, args.config)
         if args.help:
             print(help_text(recipe, cfg))
             return 0

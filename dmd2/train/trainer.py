@@ -1,7 +1,7 @@
 r"""The one DMD2 training loop (Yin et al. 2024, Sec. 4): every recipe builds :class:`Components` and runs
 :class:`Trainer`.
 
-One iteration ``s`` (``train.max_steps`` counts them, DESIGN "Iteration"):
+One iteration ``s`` (``train.max_steps`` counts them, docs/design.md "Iteration"):
 
 1. when ``s % critic.ratio == 0``: a generator update - fake score and GAN head frozen, ``grad_accum`` micro-batches
    of :meth:`DMD2.generator_loss`, gradient clipping, AdamW step, EMA update;

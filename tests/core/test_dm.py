@@ -123,13 +123,13 @@ def test_dispatch_names_and_errors(monkeypatch):
         kernels.dm_grad(x, r, f, impl="cuda-magic")
     # an explicit implementation that cannot run raises RuntimeError with its reason; it never falls back
     monkeypatch.setitem(kernels._REGISTRY["dm_grad"], "ext", lambda *a: 1 / 0)
-    monkeypatch.setitem(kernels._AVAILABILITY, "ext", lambda: "built without a compiler")
+    monkeypatch.setitem(kernels._AVAILABILITY, "ext", lambda *tensors: "built without a compiler")
     with pytest.raises(RuntimeError, match="built without a compiler"):
         kernels.dm_grad(x, r, f, impl="ext")
     # the environment variable overrides impl="auto"
     calls = []
     monkeypatch.setitem(kernels._REGISTRY["dm_grad"], "ext", lambda *a: calls.append(1) or a[0])
-    monkeypatch.setitem(kernels._AVAILABILITY, "ext", lambda: None)
+    monkeypatch.setitem(kernels._AVAILABILITY, "ext", lambda *tensors: None)
     monkeypatch.setenv(kernels.ENV_VAR, "ext")
     kernels.dm_grad(x, r, f)
     assert calls == [1]

@@ -120,13 +120,11 @@ def test_dm_loss_gives_no_gradient_to_the_targets():
     assert gr is None and gf is None and gx.abs().sum() > 0
 
 
-def test_dm_grad_nan_propagates_and_empty_batch():
+def test_dm_grad_nan_propagates():
     x, r, f = _inputs((2, 8), torch.float32, 1)
     x[1, 3] = float("nan")
     g = K.dm_grad(x, r, f, impl="ext")
     assert torch.isnan(g[1]).all() and torch.isfinite(g[0]).all()  # nothing scrubbed; sample 0 untouched
-    e = torch.empty(0, 3)
-    assert K.dm_grad(e, e, e, impl="ext").shape == (0, 3)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -203,7 +201,9 @@ def test_noise_add_backward_random_upstream():
     (lambda: (torch.zeros(2, 3), torch.zeros(3, 3), torch.zeros(2, 3)), "batch size mismatch: x has B=2 but real_x0 has B=3"),
     (lambda: (torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4)), r"expected fake_x0 of shape \(2, 3\)"),
     (lambda: (torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, 3)), "dtype mismatch"),
-    (lambda: (torch.tensor(1.0),) * 3, "leading batch dimension"),
+    (lambda: (torch.tensor(1.0),) * 3, r"non-empty \(B, \.\.\.\) tensor with B >= 1, got shape \(\)"),
+    (lambda: (torch.empty(0, 3),) * 3, r"non-empty \(B, \.\.\.\) tensor with B >= 1, got shape \(0, 3\)"),
+    (lambda: (torch.empty(2, 0),) * 3, r"non-empty \(B, \.\.\.\) tensor with B >= 1, got shape \(2, 0\)"),
 ])
 def test_dm_grad_rejects_bad_inputs(make, match):
     x, r, f = make()
@@ -223,6 +223,7 @@ def test_dm_grad_rejects_bad_eps():
     ((torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, 1), 0, 0), r"expected sigma of shape \(2,\)"),
     ((torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), torch.zeros(2), 0, 0), "floating-point alpha"),
     ((torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2), torch.zeros(2), 0, 0), "x0 of dtype"),
+    ((torch.zeros(0, 3), torch.zeros(0), torch.zeros(0), 0, 0), "x0 to be a non-empty"),
     ((torch.zeros(2, 3), torch.zeros(2), torch.zeros(2), -1, 0), r"seed must lie in \[0, 2\*\*63\)"),
     ((torch.zeros(2, 3), torch.zeros(2), torch.zeros(2), 0, -5), r"offset must lie in \[0, 2\*\*63\)"),
     ((torch.zeros(2, 3), torch.zeros(2), torch.zeros(2), 0, 2**63 - 3), "offset \\+ numel must not exceed"),

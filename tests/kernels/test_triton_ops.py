@@ -19,6 +19,7 @@ T = pytest.importorskip("dmd2.kernels.triton")
 from dmd2.kernels.triton import _common, denoise, dm, noise  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.triton  # the device suite runs these on the GPU beside the gpu-marked tests
 
 # Both implementations compute in float32 and round once to the output dtype; fp32 results differ by float32
 # re-association (and a few ulps of log/cos for the noise), bf16 ones by at most one or two bf16 rounding steps.

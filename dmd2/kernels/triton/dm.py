@@ -7,7 +7,8 @@ Two passes over memory, grid ``(blocks per sample, B)``:
 2. ``_dm_grad_kernel`` sums its sample's partials (a few dozen floats) into the normaliser, re-reads the inputs plus
    ``fake``, writes ``g`` (optionally both x0 estimates) and one partial sum of ``g^2`` per program for the loss value.
 
-The autograd function's backward is ``grad_out * g / x.numel()``: the surrogate ``0.5 * mse(x, (x - g).detach())``.
+Autograd: the surrogate loss's backward is ``grad_out * g / x.numel()`` (``0.5 * mse(x, (x - g).detach())``); ``dm_grad``
+is differentiable in all three inputs through :func:`dmd2.kernels.reference.dm_grad_vjp` (as the extension's).
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def _launch(x, x_t, real_cond, real_uncond, fake, alpha, sigma, guidance_scale, 
     a = per_sample(alpha) if pred_eps else None
     s = per_sample(sigma) if pred_eps else None
     n = xr.shape[1]
-    block = block_size(max(n, 1))
+    block = block_size(n)
     n_blocks = triton.cdiv(n, block)
     part = alloc((batch, n_blocks), torch.float32, dev)
     sq = alloc((batch, n_blocks), torch.float32, dev)
@@ -103,8 +104,6 @@ def _launch(x, x_t, real_cond, real_uncond, fake, alpha, sigma, guidance_scale, 
     norm = alloc((batch,), torch.float32, dev)
     real_out = alloc(x.shape, x.dtype, dev) if return_x0 else None
     fake_out = alloc(x.shape, x.dtype, dev) if return_x0 else None
-    if n == 0:
-        raise ValueError(f"fused_dm needs at least one element per sample, got x of shape {tuple(x.shape)}")
     scale = float(guidance_scale)
     flags = dict(HAS_UNCOND=ur is not None, PRED_EPS=pred_eps)
     _dm_norm_kernel[(n_blocks, batch)](xr, xtr, cr, ur, a, s, part, n, n_blocks, scale, BLOCK=block, **flags)
@@ -143,18 +142,35 @@ def fused_dm(
     return reference.FusedDMOutput(loss, g, norm, real_x0, fake_x0)
 
 
+def _dm(x, real_x0, fake_x0, eps):
+    """``(g shaped like x, sum of g^2)``: ``fused_dm`` without guidance or conversion; ``(B,)`` inputs as ``(B, 1)``."""
+    xx, rr, ff = (t[:, None] if x.dim() == 1 else t for t in (x, real_x0, fake_x0))
+    g, _, sq_sum, _, _ = _launch(xx, None, rr, None, ff, None, None, 1.0, "x0", eps, False)
+    return g.view(x.shape), sq_sum
+
+
+class _DMGrad(torch.autograd.Function):
+    """``g`` of :func:`dmd2.kernels.reference.dm_grad`; backward :func:`dmd2.kernels.reference.dm_grad_vjp`."""
+
+    @staticmethod
+    def forward(ctx, x, real_x0, fake_x0, eps):
+        ctx.save_for_backward(x, real_x0, fake_x0)
+        ctx.eps = eps
+        return _dm(x, real_x0, fake_x0, eps)[0]
+
+    @staticmethod
+    def backward(ctx, grad_g):
+        return (*reference.dm_grad_vjp(*ctx.saved_tensors, grad_g, ctx.eps), None)
+
+
 def dm_grad(x, real_x0, fake_x0, eps: float = 1e-6) -> torch.Tensor:
-    """Triton version of :func:`dmd2.kernels.reference.dm_grad` (``fused_dm`` without guidance or conversion)."""
+    """Triton version of :func:`dmd2.kernels.reference.dm_grad`; differentiable in ``x``, ``real_x0``, ``fake_x0``."""
     reference.check_dm_inputs(x, real_x0, fake_x0)
-    if x.dim() == 1:  # (B,): one element per sample
-        x, real_x0, fake_x0 = x[:, None], real_x0[:, None], fake_x0[:, None]
-        return _launch(x, None, real_x0, None, fake_x0, None, None, 1.0, "x0", eps, False)[0][:, 0]
-    return _launch(x, None, real_x0, None, fake_x0, None, None, 1.0, "x0", eps, False)[0]
+    return _DMGrad.apply(x, real_x0, fake_x0, eps)
 
 
 def dm_loss(x, real_x0, fake_x0, eps: float = 1e-6) -> torch.Tensor:
     """Triton version of :func:`dmd2.kernels.reference.dm_loss`."""
     reference.check_dm_inputs(x, real_x0, fake_x0)
-    xx, rr, ff = (t[:, None] if x.dim() == 1 else t for t in (x, real_x0, fake_x0))
-    g, _, sq_sum, _, _ = _launch(xx, None, rr, None, ff, None, None, 1.0, "x0", eps, False)
-    return _DMSurrogate.apply(x, g.view(x.shape), sq_sum)
+    g, sq_sum = _dm(x, real_x0, fake_x0, eps)
+    return _DMSurrogate.apply(x, g, sq_sum)

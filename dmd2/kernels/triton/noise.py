@@ -76,9 +76,8 @@ class _NoiseAdd(torch.autograd.Function):
         n = x0r.shape[1]
         a, s = per_sample(alpha), per_sample(sigma)
         out = alloc(x0.shape, x0.dtype, x0.device)
-        if n:
-            block = block_size(n)
-            _noise_add_fwd_kernel[(triton.cdiv(n, block), batch)](x0r, a, s, out, n, seed, offset, BLOCK=block)
+        block = block_size(n)
+        _noise_add_fwd_kernel[(triton.cdiv(n, block), batch)](x0r, a, s, out, n, seed, offset, BLOCK=block)
         # Saved: the (B,) alpha; x0 only when alpha needs a gradient. Never eps.
         ctx.save_for_backward(a, x0r if ctx.needs_input_grad[1] else None)
         ctx.seed, ctx.offset, ctx.shape, ctx.dtypes = seed, offset, x0.shape, (x0.dtype, alpha.dtype, sigma.dtype)
@@ -91,16 +90,15 @@ class _NoiseAdd(torch.autograd.Function):
         batch = ctx.shape[0]
         g = rows(grad, batch)
         n = g.shape[1]
-        block = block_size(max(n, 1))
+        block = block_size(n)
         n_blocks = triton.cdiv(n, block)
         grad_x0 = alloc(ctx.shape, ctx.dtypes[0], grad.device) if need_x0 else None
         part_alpha = alloc((batch, n_blocks), torch.float32, grad.device) if need_alpha else None
         part_sigma = alloc((batch, n_blocks), torch.float32, grad.device) if need_sigma else None
-        if n:
-            _noise_add_bwd_kernel[(n_blocks, batch)](
-                g, x0r, a, grad_x0, part_alpha, part_sigma, n, n_blocks, ctx.seed, ctx.offset,
-                NEED_X0=need_x0, NEED_ALPHA=need_alpha, NEED_SIGMA=need_sigma, BLOCK=block,
-            )
+        _noise_add_bwd_kernel[(n_blocks, batch)](
+            g, x0r, a, grad_x0, part_alpha, part_sigma, n, n_blocks, ctx.seed, ctx.offset,
+            NEED_X0=need_x0, NEED_ALPHA=need_alpha, NEED_SIGMA=need_sigma, BLOCK=block,
+        )
         grad_alpha = part_alpha.sum(dim=1).to(ctx.dtypes[1]) if need_alpha else None
         grad_sigma = part_sigma.sum(dim=1).to(ctx.dtypes[2]) if need_sigma else None
         return grad_x0, grad_alpha, grad_sigma, None, None
