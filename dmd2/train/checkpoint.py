@@ -8,10 +8,10 @@
 The number is the count of completed iterations. A checkpoint is written to ``checkpoint-XXXXXXXX.tmp/``; its
 ``manifest.json`` (every other file's name, size in bytes and SHA-256) is written last, then the folder is renamed.
 The one completeness rule, :func:`verify_checkpoint`: a checkpoint is trusted only when its manifest parses, lists
-``state.pt`` and the weights (``generator.safetensors`` and ``fake_score.safetensors``, or ``sharded/.metadata``), and
-every listed file exists with the listed size (and checksum). Pruning (``keep_last``) renames a folder to ``*.trash`` before deleting it, so a kill leaves
-either a whole checkpoint or a ``.trash`` / ``.tmp`` folder, which :func:`remove_stale` deletes when the next run
-starts. At load, every floating-point tensor (weights and ``state.pt``) must be finite.
+``state.pt`` and the weights (``generator.safetensors``, or ``sharded/.metadata``), and every listed file exists
+with the listed size (and checksum). Pruning (``keep_last``) renames a folder to ``*.trash`` before deleting it, so
+a kill leaves either a whole checkpoint or a ``.trash`` / ``.tmp`` folder, which :func:`remove_stale` deletes when
+the next run starts. At load, every floating-point tensor (weights and ``state.pt``) must be finite.
 
 Two formats (``train.checkpoint_format``), both resumable on any number of ranks:
 
@@ -49,7 +49,7 @@ __all__ = ["CHECKPOINT_NAMES", "MANIFEST", "RunFolderLocked", "CheckpointWriteEr
 CHECKPOINT_NAMES = ("generator", "fake_score", "gan_head", "ema")
 #: the manifest's file name (written last inside the ``.tmp`` folder)
 MANIFEST = "manifest.json"
-_REQUIRED = ("state.pt", "generator.safetensors", "fake_score.safetensors")
+_REQUIRED = ("state.pt", "generator.safetensors")  # fake_score too for a DMD2 run (Trainer.load checks); not for ode-pretrain
 _REQUIRED_SHARDED = ("state.pt", "sharded/.metadata")
 _SUBFOLDER = "sharded"  # dmd2.train.sharded.SHARDED_DIR: the one folder a checkpoint may hold
 _PATTERN = re.compile(r"^checkpoint-(\d{8})$")
