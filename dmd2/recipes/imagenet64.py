@@ -252,18 +252,19 @@ def _blocks(denoiser: nn.Module) -> list[nn.Module]:
 
 
 def _load_init(cfg: ImageNet64Config, gen: nn.Module, fake: nn.Module, head: nn.Module | None) -> None:
-    from safetensors.torch import load_file
+    from ..train.checkpoint import read_weights
 
     path = Path(cfg.init.checkpoint)
-    for name, module in (("generator", gen), ("fake_score", fake), ("gan_head", head)):
-        f = path / f"{name}.safetensors"
+    modules = {"generator": gen, "fake_score": fake, "gan_head": head}
+    weights = read_weights(path, [n for n, m in modules.items() if m is not None])
+    for name, module in modules.items():
         if module is None:
             continue
-        if not f.is_file():
+        if name not in weights:
             if name == "gan_head":
                 continue  # e.g. resuming a no-GAN run with a GAN: the head starts fresh
-            raise ValueError(f"init.checkpoint={path}: missing {f.name} (expected a checkpoint folder of this recipe)")
-        module.load_state_dict(load_file(str(f)), strict=True)
+            raise ValueError(f"init.checkpoint={path}: missing {name} weights (expected a checkpoint folder of this recipe)")
+        module.load_state_dict(weights[name], strict=True)
 
 
 def build(cfg: ImageNet64Config, info=None) -> Components:
@@ -361,18 +362,14 @@ def load_generator(ckpt: str | os.PathLike, weights: str = "generator", device: 
         weights: ``"generator"`` (the trained weights) or ``"ema"`` (their EMA, when the run kept one).
         steps: sampling steps (default: the run's ``sampler.steps``; the grid is then :func:`student_grid`).
     """
-    from safetensors.torch import load_file
-
     from ..models.edm_pickle import check_state_dict_matches
-    from ..train.sharded import is_sharded, read_sharded
+    from ..train.checkpoint import read_weights
 
     if weights not in ("generator", "ema"):
         raise ValueError(f"weights must be 'generator' or 'ema', got {weights!r}")
     path = _checkpoint_dir(ckpt)
     cfg = config_from_dict(ImageNet64Config(), json.loads((path / "config.json").read_text()))
-    f = path / f"{weights}.safetensors"
-    sd = (read_sharded(path, names=[weights], optimizers=False)[0].get(weights) if is_sharded(path)
-          else load_file(str(f)) if f.is_file() else None)
+    sd = read_weights(path, [weights]).get(weights)
     if sd is None:
         raise FileNotFoundError(f"{path}: no {weights} weights" + (" (the run kept no EMA: train.ema_decay=none)" if weights == "ema" else ""))
     if weights == "ema":

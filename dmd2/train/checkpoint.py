@@ -35,7 +35,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 __all__ = ["CHECKPOINT_NAMES", "MANIFEST", "RunFolderLocked", "CheckpointWriteError", "checkpoint_path",
            "tmp_checkpoint_path", "verify_checkpoint", "is_complete", "list_checkpoints", "latest_checkpoint",
            "resolve_resume", "remove_stale", "hold_run_folder", "write_manifest", "begin_checkpoint",
-           "commit_checkpoint", "write_checkpoint", "read_checkpoint", "load_weights"]
+           "commit_checkpoint", "write_checkpoint", "read_weights", "read_checkpoint", "load_weights"]
 
 #: the weight files a checkpoint may hold (``gan_head`` / ``ema`` only when the run has them)
 CHECKPOINT_NAMES = ("generator", "fake_score", "gan_head", "ema")
@@ -381,6 +381,17 @@ def load_weights(file: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(file))
     except Exception as e:  # safetensors raises its own error types, without the file name
         raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def read_weights(path: str | Path, names: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The weight files ``names`` (among :data:`CHECKPOINT_NAMES`) of a checkpoint folder of either format, those it
+    has, as full CPU tensors, on one process; only those are read (a ``sharded`` one reads no other piece)."""
+    from .sharded import is_sharded, read_sharded
+
+    path = Path(path)
+    if is_sharded(path):
+        return read_sharded(path, names=names, optimizers=False)[0]
+    return {n: load_weights(path / f"{n}.safetensors") for n in names if (path / f"{n}.safetensors").is_file()}
 
 
 def read_checkpoint(path: str | Path, optimizers: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
