@@ -29,11 +29,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..core import EMA, EDMSchedule, denoising_loss
 from ..data.mnist import load_mnist
 from ..models.adm import ADMConfig, build_edm_adm
+from ..train.checkpoint import load_weights
 
 __all__ = ["TeacherConfig", "teacher_adm_config", "build_teacher", "load_teacher", "train_teacher",
            "heun_sampler", "evaluate_teacher", "metrics_entry", "DEFAULT_TEACHER"]
@@ -109,7 +110,7 @@ def load_teacher(path: str | Path | None = None) -> torch.nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"expected the MNIST teacher's safetensors at {path}; train one with "
                                 f"`python -m dmd2.recipes.mnist teacher --out DIR`")
-    state = load_file(str(path))
+    state = load_weights(path)
     net = build_teacher()
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}

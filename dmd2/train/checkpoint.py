@@ -49,7 +49,8 @@ __all__ = ["CHECKPOINT_NAMES", "MANIFEST", "RunFolderLocked", "CheckpointWriteEr
 CHECKPOINT_NAMES = ("generator", "fake_score", "gan_head", "ema")
 #: the manifest's file name (written last inside the ``.tmp`` folder)
 MANIFEST = "manifest.json"
-_REQUIRED = ("state.pt", "generator.safetensors")  # fake_score too for a DMD2 run (Trainer.load checks); not for ode-pretrain
+# a DMD2 run also needs fake_score (Trainer.load names it when missing); an ode-pretrain checkpoint holds no fake score
+_REQUIRED = ("state.pt", "generator.safetensors")
 _REQUIRED_SHARDED = ("state.pt", "sharded/.metadata")
 _SUBFOLDER = "sharded"  # dmd2.train.sharded.SHARDED_DIR: the one folder a checkpoint may hold
 _PATTERN = re.compile(r"^checkpoint-(\d{8})$")
@@ -207,7 +208,8 @@ _HELD: dict[str, list] = {}  # resolved folder -> [open lock file, depth]: the l
 @contextlib.contextmanager
 def hold_run_folder(out: str | Path) -> Iterator[Path]:
     """Hold an exclusive ``flock`` on ``OUT/.lock`` (creating ``OUT``) for the ``with`` block; the file records the
-    holder's pid. Re-entrant within one process; the OS releases it when the process dies. A second process gets
+    holder's pid. Re-entrant within one process; the OS releases it when the process dies. A folder this call
+    created is removed again if nothing but the lock was written in it (a run that failed while building). A second process gets
     :class:`RunFolderLocked` naming the folder and the holder's pid, at once (no waiting)."""
     out = Path(out)
     key = str(out.resolve())
@@ -218,6 +220,7 @@ def hold_run_folder(out: str | Path) -> Iterator[Path]:
         finally:
             _HELD[key][1] -= 1
         return
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     f = open(out / ".lock", "a+")
     try:
@@ -238,6 +241,9 @@ def hold_run_folder(out: str | Path) -> Iterator[Path]:
     finally:
         if _HELD[key][1] == 1:
             del _HELD[key]
+            if created and [p.name for p in out.iterdir()] == [".lock"]:  # it failed before writing: leave no trace
+                (out / ".lock").unlink()
+                out.rmdir()
             f.close()  # releases the flock
         else:
             _HELD[key][1] -= 1
@@ -324,7 +330,8 @@ def _writing(tmp: Path, step: int) -> Iterator[None]:
 def commit_checkpoint(out: str | Path, step: int, state: dict, config_json: str, keep_last: int = 0) -> Path:
     """Finish the ``.tmp`` folder of :func:`begin_checkpoint` once its weights are written (rank 0 only, holding
     :func:`hold_run_folder`): ``state.pt``, ``config.json``, fsync, ``manifest.json`` last (it covers every file,
-    ``sharded/`` included), fsync, rename, fsync the parent; then drop all but the newest ``keep_last`` (0 keeps all)."""
+    ``sharded/`` included), fsync, rename, fsync the parent; then drop all but the newest ``keep_last``
+    (0 keeps all)."""
     final, tmp = checkpoint_path(out, step), tmp_checkpoint_path(out, step)
     with _writing(tmp, step):
         torch.save(state, tmp / "state.pt")

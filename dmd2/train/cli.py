@@ -9,7 +9,9 @@ JSON / YAML file of overrides), then ``--out`` (``train.out``), ``--resume`` (``
 (``sampler.steps``), then the recipe's own flags (:attr:`Recipe.flags`, e.g. ``--num``), then the ``key.sub=value``
 overrides in order; ``train.origin`` records that chain. ``--dry-run`` prints the resolved config as JSON and writes nothing. ``--help`` lists the commands, presets and every
 config key (type, default, description; generated from the config dataclasses), ``--help-config SECTION`` one
-section. Bad input (unknown key, preset, section or command) prints ``error: ...`` and returns 2.
+section. Bad input (unknown key, preset, section or command, a missing or unreadable file, a checkpoint that does not
+verify or fit, a config changed at resume without ``--allow-config-change``, a run folder in use, a full disk) prints
+one line ``error: ...`` and returns 2; a run stopped by SIGTERM / SIGINT returns ``128 + signal`` after its checkpoint.
 """
 from __future__ import annotations
 
@@ -143,7 +145,10 @@ def resolve_config(recipe: Recipe, preset: str | None = None, overrides: Sequenc
 #: reports, how it is launched (a checkpoint resumes on any number of ranks); every other key changes the run itself
 RESUME_FREE_KEYS = ("train.max_steps", "train.out", "train.resume", "train.progress", "train.checkpoint_every",
                     "train.keep_last", "train.log_every", "train.sample_every", "train.device", "train.distributed",
-                    "train.grad_checkpointing", "train.checkpoint_format", "train.origin", "eval.")
+                    "train.grad_checkpointing", "train.loggers", "train.checkpoint_format", "train.origin", "eval.")
+
+
+_ABSENT = object()
 
 
 def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
@@ -154,12 +159,12 @@ def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
         key = prefix + str(k)
         if key in RESUME_FREE_KEYS or any(f.endswith(".") and key.startswith(f) for f in RESUME_FREE_KEYS):
             continue
-        a, b = old.get(k, "(absent)"), new.get(k, "(absent)")
+        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out += config_diff(a, b, key + ".")
         elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
-            out.append(f"{key}: {json.dumps(a) if not isinstance(a, str) or a == '(absent)' else repr(a)} -> "
-                       f"{json.dumps(b) if not isinstance(b, str) or b == '(absent)' else repr(b)}")
+            show = [("(absent)" if v is _ABSENT else json.dumps(list(v) if isinstance(v, tuple) else v)) for v in (a, b)]
+            out.append(f"{key}: {show[0]} -> {show[1]}")
     return out
 
 
@@ -219,7 +224,7 @@ def run_training(recipe: Recipe, cfg: RecipeConfig, allow_config_change: bool = 
             if resume is not None:
                 diff = check_resume_config(cfg, resume, info.world_size, allow_config_change)
                 if diff and info.is_main:
-                    print(f"config changed at resume (--allow-config-change): {'; '.join(diff)}", file=sys.stderr,
+                    print(f"warning: config changed at resume (--allow-config-change): {'; '.join(diff)}", file=sys.stderr,
                           flush=True)
             torch.manual_seed(cfg.train.seed)
             components = recipe.build(cfg, info)
