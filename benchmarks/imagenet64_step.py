@@ -26,11 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dmd2.core import GANHead  # noqa: E402
 from dmd2.models.adm import ADMNet, build_edm_adm  # noqa: E402
 from dmd2.recipes import imagenet64 as rec  # noqa: E402
 from dmd2.train import Trainer  # noqa: E402
-from dmd2.train.config import apply_overrides  # noqa: E402
+from dmd2.train.config import apply_overrides, gan_head  # noqa: E402
 
 
 class Clock:
@@ -139,7 +138,7 @@ def plan(args) -> dict:
     cfg = rec.ModelConfig().adm()
     meta = build_edm_adm(cfg, device="meta")
     p = sum(t.numel() for t in meta.parameters())
-    head = GANHead([meta.model.bottleneck_channels], hidden=768, depth=2)
+    head = gan_head(rec.RECIPE.config, [meta.model.bottleneck_channels])  # the paper preset's head (official)
     ph = sum(t.numel() for t in head.parameters())
     x = torch.randn(1, 3, 64, 64, device="meta")
     with FlopCounterMode(display=False) as fc:

@@ -8,6 +8,8 @@ kernels in Triton's interpreter (correctness of the benchmark code only; those t
 the reason, what cannot run there. ``--csv`` writes elsewhere (the plot beside it); each row is appended as soon as it
 is measured, so a run stopped part-way keeps what it measured. ``--rep-ms`` sets ``do_bench``'s timed window on CUDA (default 500 ms,
 50 with ``--quick``; warm-up a fifth of it, at least 25 ms).
+``--quick`` also runs the whole-iteration benchmark (``step.py``) at the tiny
+ImageNet config with batch 2 for one TTUR cycle, into ``benchmarks/results/quick-step-<device>.csv``.
 """
 from __future__ import annotations
 
@@ -64,6 +66,11 @@ def main(argv=None) -> None:
                                on_row=lambda r: harness.write([r], out))
     harness.plot(rows, out.with_suffix(".png"))
     print(f"{len(rows)} rows appended to {out} (plot: {out.with_suffix('.png').name}) in {time.perf_counter() - t0:.1f} s")
+    if args.quick:
+        import step
+
+        step.main(["--config", "tiny-imagenet", "--device", device.type, "--iters", "1", "--warmup", "0",
+                   "--set", "train.batch_size=2", "--csv", str(HERE / "results" / f"quick-step-{harness.device_name()}.csv")])
 
 
 if __name__ == "__main__":

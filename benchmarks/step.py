@@ -32,7 +32,8 @@ Pass inventory: per network, passes that returned (``full``) and passes that end
 ``--tree PATH`` imports ``dmd2`` from another checkout (e.g. the main branch), so one script times both;
 ``--compare A B --rounds R`` runs this script in subprocesses alternating trees A and B (A, B, A, B, ...), prints
 the medians of the per-run amortised times, their ratio B/A and the load average (``--set-b`` overrides for B only).
-Results are appended to ``benchmarks/results/step-<device>.csv`` (``--csv`` to change).
+Results are appended to ``benchmarks/results/step-<device>.csv`` (``--csv`` to change; with ``--compare`` every run
+appends its rows, ``tree`` naming the checkout).
 """
 from __future__ import annotations
 
@@ -251,11 +252,11 @@ def _sdxl(device, sets, out):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from dmd2.core import BackwardSimulationSampler, CFGDenoiser, GANHead
+    from dmd2.core import BackwardSimulationSampler, CFGDenoiser
     from dmd2.models.sdxl import DiffusersVPSchedule, build_networks, time_ids
     from dmd2.recipes import sdxl as rec
     from dmd2.train import Components
-    from dmd2.train.config import apply_overrides
+    from dmd2.train.config import apply_overrides, gan_head
     from dmd2.train.trainer import derive_seed
 
     unet_config = HERE.parent / "dmd2" / "assets" / "sdxl_base_unet_config.json"
@@ -301,9 +302,10 @@ def _sdxl(device, sets, out):
         g = torch.Generator(device=d).manual_seed(derive_seed(7, step, shard))
         return torch.randn((batch, *shape), generator=g, device=d), cond(batch, g)
 
-    head = GANHead([ucfg["block_out_channels"][-1]], hidden=m.gan_hidden, depth=m.gan_depth)
+    head = gan_head(cfg, [ucfg["block_out_channels"][-1]])  # the run's gan section (None without GAN weights)
     return cfg, Components(generator=nets.generator, fake_score=nets.fake_score, teacher=teacher, schedule=schedule,
-                           sampler=sampler, latents=latents, real_data=real_data, gan_head=head, gan_layers=["gan_tap"])
+                           sampler=sampler, latents=latents, real_data=real_data, gan_head=head,
+                           gan_layers=["gan_tap"] if head is not None else [])
 
 
 BUILDERS = {"tiny-imagenet": _tiny_imagenet, "sdxl-tiny": _sdxl_tiny, "imagenet64": _imagenet64, "sdxl": _sdxl}
@@ -422,16 +424,19 @@ def compare(args, argv) -> dict:
                 path = f.name
             extra = [x for s in args.sets_b for x in ("--set", s)] if label == "B" else []
             cmd = [sys.executable, str(Path(__file__).resolve()), *child, *extra, "--tree", tree, "--json", path,
-                   "--csv", "-"]
+                   *(["--csv", args.csv] if args.csv else [])]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             res = json.loads(Path(path).read_text())
             os.unlink(path)
             runs[label].append(res)
             print(f"round {r} {label}: amortised {res['kinds']['amortised']['total']:.4f} s "
                   f"(generator turn {res['kinds']['generator_turn']['total']:.4f}, critic-only "
-                  f"{res['kinds']['critic_only']['total']:.4f})", flush=True)
+                  f"{res['kinds']['critic_only']['total']:.4f}; build {res['build_s']:.1f} s, warm-up cycles "
+                  f"{res['warmup_s']:.1f} s wall)", flush=True)
     out = {"trees": dict(zip("AB", args.compare)), "sets": args.sets, "sets_b": args.sets_b, "rounds": args.rounds,
-           "loadavg_start": load0, "loadavg_end": _loadavg(), "medians": {}, "passes": {}}
+           "loadavg_start": load0, "loadavg_end": _loadavg(), "medians": {}, "passes": {},
+           "runs": {label: [{"amortised": r["kinds"]["amortised"]["total"], "build_s": r["build_s"],
+                             "warmup_s": r["warmup_s"]} for r in runs[label]] for label in "AB"}}
     for label in "AB":
         out["medians"][label] = {k: {p: statistics.median(r["kinds"][k][p] for r in runs[label]) for p in ("total", *PHASES)}
                                  for k in ("generator_turn", "critic_only", "amortised")}

@@ -13,11 +13,10 @@ __all__ = ["CriticScheduler", "Phase"]
 
 @dataclass(frozen=True)
 class Phase:
-    """What iteration ``step`` does: always a critic update; a generator update when ``generator`` is True."""
+    """What iteration ``step`` does: always a critic update, plus a generator update when ``generator`` is True."""
 
     step: int
     generator: bool
-    critic: bool = True
 
 
 class CriticScheduler:

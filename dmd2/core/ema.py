@@ -1,7 +1,11 @@
 r"""Exponential moving average of a module's weights: :math:`\bar\theta \leftarrow \beta\bar\theta + (1-\beta)\theta`.
 
 The shadow copy is fp32 (whatever the model's dtype) and keyed by parameter name, so it saves to safetensors
-and survives a change of wrapper. Buffers are copied, not averaged.
+and survives a change of wrapper. Buffers (the persistent ones, those in ``model.state_dict()``) are copied, not
+averaged. :meth:`EMA.state_dict` is a plain state dict of the module - parameter and buffer names as
+``model.state_dict()`` has them - so ``model.load_state_dict(ema.state_dict(), strict=True)`` loads the averaged
+weights (for a module whose parameters are all floating point). Files written before this layout carry the
+buffers under a ``buffer::`` prefix; :meth:`EMA.module_state_dict` (and :meth:`EMA.load_state_dict`) read both.
 """
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import torch
 from torch import nn
 
 __all__ = ["EMA"]
+
+_OLD_BUFFER_PREFIX = "buffer::"  # the buffers' key prefix of EMA files written before the plain layout
 
 
 class EMA:
@@ -21,7 +27,9 @@ class EMA:
         self.shadow: dict[str, torch.Tensor] = {
             n: p.detach().float().clone() for n, p in model.named_parameters() if p.is_floating_point()
         }
-        self.buffers: dict[str, torch.Tensor] = {n: b.detach().clone() for n, b in model.named_buffers()}
+        persistent = set(model.state_dict())
+        self.buffers: dict[str, torch.Tensor] = {n: b.detach().clone() for n, b in model.named_buffers()
+                                                 if n in persistent}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -46,14 +54,29 @@ class EMA:
             bufs[n].copy_(b)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**self.shadow, **{f"buffer::{n}": b for n, b in self.buffers.items()}}
+        """``{name: tensor}`` in the module's own layout: fp32 averaged parameters and the copied buffers."""
+        return {**self.shadow, **self.buffers}
+
+    @staticmethod
+    def module_state_dict(saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A saved EMA state dict as the module's state dict: the plain layout as is, an old file's ``buffer::``
+        prefix removed."""
+        return {k.removeprefix(_OLD_BUFFER_PREFIX): v for k, v in saved.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        shadow = {k: v for k, v in state.items() if not k.startswith("buffer::")}
-        if set(shadow) != set(self.shadow):
-            raise ValueError(f"EMA.load_state_dict: parameter names differ: {sorted(set(shadow) ^ set(self.shadow))[:5]}")
-        for n, v in shadow.items():
+        """Restore from :meth:`state_dict` output (or an old ``buffer::`` file): the names must be this EMA's (an
+        old file may also hold non-persistent buffers, which are ignored)."""
+        if any(k.startswith(_OLD_BUFFER_PREFIX) for k in state):
+            params = {k: v for k, v in state.items() if not k.startswith(_OLD_BUFFER_PREFIX)}
+            buffers = {k[len(_OLD_BUFFER_PREFIX):]: v for k, v in state.items() if k.startswith(_OLD_BUFFER_PREFIX)}
+            buffers = {k: v for k, v in buffers.items() if k in self.buffers}
+        else:
+            params = {k: v for k, v in state.items() if k not in self.buffers}
+            buffers = {k: v for k, v in state.items() if k in self.buffers}
+        if set(params) != set(self.shadow) or set(buffers) != set(self.buffers):
+            differ = sorted((set(params) | set(buffers)) ^ (set(self.shadow) | set(self.buffers)))
+            raise ValueError(f"EMA.load_state_dict: names differ from the model's: {differ[:5]}")
+        for n, v in params.items():
             self.shadow[n].copy_(v)
-        for k, v in state.items():
-            if k.startswith("buffer::"):
-                self.buffers[k[len("buffer::"):]].copy_(v)
+        for n, v in buffers.items():
+            self.buffers[n].copy_(v)

@@ -12,12 +12,19 @@ Generator loss (Sec. 3-4):
 
 Critic loss (run ``ratio`` times per generator update, :class:`~dmd2.core.critic.CriticScheduler`):
 
-1. ``x = G(...)`` under no-grad (same backward simulation);
-2. ``L_fake = mean lambda(t) |D_fake(x_t, t, c) - x|^2`` (denoising score matching on generator samples);
+1. ``x = G(...)`` under no-grad (same backward simulation), or given: the generator turn's detached output
+   (:attr:`DMD2.last_samples`), as the official code does on generator turns;
+2. ``L_fake = mean lambda(t) |D_fake(x_t, t, c) - x|^2`` (denoising score matching on generator samples), ``t`` in
+   ``[critic_min_frac, critic_max_frac]`` (the whole schedule, as the official code's ``t ~ U[0, 1000)``);
 3. ``L_D = mean softplus(H(F(fake_t'))) + softplus(-H(F(real_t'')))``, training the head and the fake backbone;
 4. ``loss = L_fake + w_gan_d L_D``.
 
 Both return ``(loss, logs)``; ``logs`` holds detached tensors (no host sync).
+
+Cost: ``F`` is a features-only pass of ``D_fake`` (:class:`~dmd2.core.gan.FeatureHooks` ends the forward after the
+tapped layer: the decoder never runs for the GAN), and the critic's fake and real features come from ONE such pass
+of ``2B``. Under bf16 autocast the head and the DM term's fake-score query run with autocast disabled (fp32 where
+the networks hold fp32 weights), as the official code does.
 """
 from __future__ import annotations
 
@@ -31,12 +38,13 @@ from torch import nn
 from .. import kernels
 
 from .critic import CriticScheduler
+from .denoisers import _expand_cond, cat_cond
 from .gan import FeatureHooks, GANHead
 from .losses import denoising_loss, dm_loss, gan_discriminator_loss, gan_generator_loss
 from .sampler import BackwardSimulationSampler
 from .schedules import NoiseSchedule
 
-__all__ = ["DMD2", "DMD2Config"]
+__all__ = ["DMD2", "DMD2Config", "Samples"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,9 @@ class DMD2Config:
         dm_weight: weight of the distribution-matching surrogate.
         gan_generator_weight: weight of the generator's GAN term (ImageNet 3e-3, SDXL 5e-3); needs a GAN head.
         gan_discriminator_weight: weight of the critic's GAN term (1e-2); needs a GAN head.
-        min_frac, max_frac: range of ``t`` (fraction of the schedule) for the DM term and the fake score's denoising loss.
+        min_frac, max_frac: range of ``t`` (fraction of the schedule) for the DM term (paper: 2%..98%).
+        critic_min_frac, critic_max_frac: range of ``t`` for the fake score's denoising loss (official: the whole
+            schedule, ``t ~ U[0, 1000)``).
         gan_min_frac, gan_max_frac: range of ``t'`` for the diffusion GAN.
         fake_step_conditioning: also give the fake score the student's 0-based step index, as keyword
             ``step_index`` (a ``(B,)`` long tensor) - one fake distribution per step of a multi-step student.
@@ -59,6 +69,15 @@ class DMD2Config:
             ``generator``; eps is never materialised), the DM term from ``fused_dm`` and the fake score's denoising
             loss from ``denoise_loss``. Same math; a different (but reproducible) noise stream.
         noise_seed: the Philox key of ``fused_ops`` noise.
+        gan_from_critic_pass: read the discriminator loss's fake logits from the fake score's denoising pass on the
+            same noisy sample (its features at the tap), saving one features-only pass of ``B`` per critic update.
+            Needs ``critic_min_frac/critic_max_frac == gan_min_frac/gan_max_frac`` so that each term keeps its
+            marginal over ``t``; only the two terms then share noise (a change to the estimator whose effect on
+            quality is unmeasured: opt-in).
+        critic_fresh_samples: on generator turns, let the critic update generate fresh samples with the updated
+            generator (this project's behaviour before the official one was adopted) instead of reusing the
+            generator turn's detached, pre-update output (:attr:`DMD2.last_samples`; the official code's and the
+            default). Read by the trainer.
     """
 
     dm_weight: float = 1.0
@@ -66,6 +85,8 @@ class DMD2Config:
     gan_discriminator_weight: float = 0.0
     min_frac: float = 0.02
     max_frac: float = 0.98
+    critic_min_frac: float = 0.0
+    critic_max_frac: float = 1.0
     gan_min_frac: float = 0.0
     gan_max_frac: float = 1.0
     fake_step_conditioning: bool = False
@@ -73,13 +94,20 @@ class DMD2Config:
     impl: str = "auto"
     fused_ops: bool = False
     noise_seed: int = 0
+    gan_from_critic_pass: bool = False
+    critic_fresh_samples: bool = False
 
     def __post_init__(self):
         if not 0 <= self.noise_seed < 2**63:
             raise ValueError(f"DMD2Config: noise_seed must lie in [0, 2**63), got {self.noise_seed}")
-        for a, b in ((self.min_frac, self.max_frac), (self.gan_min_frac, self.gan_max_frac)):
+        for a, b in ((self.min_frac, self.max_frac), (self.critic_min_frac, self.critic_max_frac),
+                     (self.gan_min_frac, self.gan_max_frac)):
             if not (0.0 <= a <= b <= 1.0):
                 raise ValueError(f"DMD2Config: noise ranges must satisfy 0 <= min <= max <= 1, got ({a}, {b})")
+        if self.gan_from_critic_pass and (self.critic_min_frac, self.critic_max_frac) != (self.gan_min_frac, self.gan_max_frac):
+            raise ValueError("DMD2Config: gan_from_critic_pass reads the GAN's fake logits from the denoising pass, so "
+                             "critic_min_frac/critic_max_frac must equal gan_min_frac/gan_max_frac; got "
+                             f"({self.critic_min_frac}, {self.critic_max_frac}) vs ({self.gan_min_frac}, {self.gan_max_frac})")
         for name in ("dm_weight", "gan_generator_weight", "gan_discriminator_weight"):
             if not getattr(self, name) >= 0 or math.isinf(getattr(self, name)):  # NaN fails ">= 0"
                 raise ValueError(f"DMD2Config: {name} must be finite and >= 0, got {getattr(self, name)}")
@@ -87,6 +115,15 @@ class DMD2Config:
             raise ValueError(f"DMD2Config: dm_eps must be finite and > 0, got {self.dm_eps}")
         if self.impl not in kernels.IMPLS:
             raise ValueError(f"DMD2Config: impl must be one of {kernels.IMPLS}, got {self.impl!r}")
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Generator output handed from :meth:`DMD2.generator_loss` to :meth:`DMD2.critic_loss`: ``x`` (detached,
+    ``(B, ...)``) made at backward-simulation step ``k``."""
+
+    x: torch.Tensor
+    k: int
 
 
 class DMD2:
@@ -113,6 +150,9 @@ class DMD2:
         #: next Philox counter of ``fused_ops`` noise; each draw of n elements consumes [noise_offset, noise_offset + n).
         #: Save it with a checkpoint to resume the same stream.
         self.noise_offset = 0
+        #: :class:`Samples` of the last :meth:`generator_loss` call (its detached output and ``k``), for a critic
+        #: update on the same samples.
+        self.last_samples: Samples | None = None
         if gan_head is None:
             if config.gan_generator_weight > 0 or config.gan_discriminator_weight > 0:
                 raise ValueError("DMD2: GAN weights > 0 need a gan_head (and gan_layers)")
@@ -145,13 +185,34 @@ class DMD2:
             return self.fake_score(x_t, t, cond, step_index=step)
         return self.fake_score(x_t, t, cond)
 
-    def _logits(self, x, cond, k: int, generator):
-        """GAN logits of the head on fake-score features at an independent diffusion-GAN time."""
+    def _fp32(self, device: torch.device):
+        """Autocast off (the head and the DM fake query run in the networks' own precision, fp32 masters)."""
+        return torch.autocast(device.type, enabled=False)
+
+    def _head(self, feats):
+        with self._fp32(feats[0].device):
+            return self.gan_head([f.float() for f in feats])
+
+    def _features(self, xs: Sequence[torch.Tensor], conds: Sequence[Any], k: int, generator) -> list[torch.Tensor]:
+        """Fake-score features (one tensor per tapped layer, batches concatenated) of each batch in ``xs`` at
+        independent diffusion-GAN times, all in ONE features-only pass (conds joined with ``cat_cond``).
+
+        Per batch, in order: ``t' ~ U[gan_min_frac, gan_max_frac]`` then its noise (the same draws as one pass per
+        batch).
+        """
         c = self.config
-        t = self.schedule.sample_t(x.shape[0], c.gan_min_frac, c.gan_max_frac, generator=generator, device=x.device)
-        x_t = self._add_noise(x, t, generator)
-        _, feats = self.features.run(self._fake, x_t, t, cond, k)
-        return self.gan_head(feats)
+        x_ts, ts = [], []
+        for x in xs:
+            t = self.schedule.sample_t(x.shape[0], c.gan_min_frac, c.gan_max_frac, generator=generator, device=x.device)
+            x_ts.append(self._add_noise(x, t, generator))
+            ts.append(t)
+        cond = conds[0]
+        if len(xs) > 1:
+            cond = _expand_cond(cond, xs[0].shape[0])
+            for x, cd in zip(xs[1:], conds[1:]):
+                cond = cat_cond(cond, _expand_cond(cd, x.shape[0]))
+        x_t, t = (x_ts[0], ts[0]) if len(xs) == 1 else (torch.cat(x_ts), torch.cat(ts))
+        return self.features.run(self._fake, x_t, t, cond, k, features_only=True)[1]
 
     def generate(self, noise: torch.Tensor, cond: Any = None, k: int | None = None, generator=None):
         """Backward-simulated input and the generator's differentiable output: ``(x, simulated)``."""
@@ -171,10 +232,12 @@ class DMD2:
         x, sim = self.generate(noise, cond, k, generator)
         b = x.shape[0]
         t = self.schedule.sample_t(b, c.min_frac, c.max_frac, generator=generator, device=x.device)
+        self.last_samples = Samples(x.detach(), sim.k)
         with torch.no_grad():
             x_t = self._add_noise(x.detach(), t, generator)
             real_x0 = self.teacher(x_t, t, cond)
-            fake_x0 = self._fake(x_t, t, cond, sim.k)
+            with self._fp32(x_t.device):
+                fake_x0 = self._fake(x_t.float(), t, cond, sim.k)
         if c.fused_ops:
             loss_dm = kernels.fused_dm(x, None, real_x0.to(x.dtype), None, fake_x0.to(x.dtype), eps=c.dm_eps,
                                        impl=c.impl).loss
@@ -183,29 +246,41 @@ class DMD2:
         loss = c.dm_weight * loss_dm
         logs = {"loss_dm": loss_dm.detach(), "k": torch.tensor(sim.k)}
         if self.has_gan:
-            loss_g = gan_generator_loss(self._logits(x, cond, sim.k, generator)).mean()
+            loss_g = gan_generator_loss(self._head(self._features([x], [cond], sim.k, generator))).mean()
             loss = loss + c.gan_generator_weight * loss_g
             logs["loss_gan_g"] = loss_g.detach()
         logs["loss_g"] = loss.detach()
         return loss, logs
 
-    def critic_loss(self, noise: torch.Tensor, cond: Any = None, real: torch.Tensor | None = None,
-                    real_cond: Any = None, k: int | None = None, generator: torch.Generator | None = None):
-        """Critic loss: the fake score's denoising loss on fresh generator samples, plus the GAN discriminator loss
-        on diffused ``real`` images vs diffused samples when a head exists (``real`` is then required).
+    def critic_loss(self, noise: torch.Tensor | None, cond: Any = None, real: torch.Tensor | None = None,
+                    real_cond: Any = None, k: int | None = None, generator: torch.Generator | None = None,
+                    samples: Samples | None = None):
+        """Critic loss: the fake score's denoising loss on generator samples, plus the GAN discriminator loss on
+        diffused ``real`` images vs diffused samples when a head exists (``real`` is then required).
 
-        The generator is run under no-grad: it receives no gradient. Returns ``(loss, logs)``.
+        The samples are ``samples`` when given (e.g. :attr:`last_samples` of the generator turn, with its ``cond``;
+        ``noise`` and ``k`` are then unused), else fresh ones from ``noise`` under no-grad. The generator receives
+        no gradient. Returns ``(loss, logs)``.
         """
         c = self.config
         if self.has_gan and real is None:
             raise ValueError("DMD2.critic_loss: this objective has a GAN head; pass real images (real=...)")
-        with torch.no_grad():
-            x, sim = self.generate(noise, cond, k, generator)
-        x = x.detach()
+        if samples is None:
+            if noise is None:
+                raise ValueError("DMD2.critic_loss: pass noise (fresh samples) or samples (given ones)")
+            with torch.no_grad():
+                x, sim = self.generate(noise, cond, k, generator)
+            x, k = x.detach(), sim.k
+        else:
+            x, k = samples.x.detach(), samples.k
         b = x.shape[0]
-        t = self.schedule.sample_t(b, c.min_frac, c.max_frac, generator=generator, device=x.device)
+        t = self.schedule.sample_t(b, c.critic_min_frac, c.critic_max_frac, generator=generator, device=x.device)
         x_t = self._add_noise(x, t, generator)
-        pred = self._fake(x_t, t, cond, sim.k)
+        shared = self.has_gan and c.gan_from_critic_pass
+        if shared:
+            pred, feats = self.features.run(self._fake, x_t, t, cond, k)
+        else:
+            pred = self._fake(x_t, t, cond, k)
         if c.fused_ops:
             weight = self.schedule.denoising_weight(t)
             loss_fake = kernels.denoise_loss(pred, weight, "x0", x0=x.to(pred.dtype), impl=c.impl).mean()
@@ -217,8 +292,12 @@ class DMD2:
             if real.shape[1:] != x.shape[1:]:
                 raise ValueError(f"DMD2.critic_loss: real images must have shape (B', {tuple(x.shape[1:])}), got {tuple(real.shape)}")
             rc = cond if real_cond is None else real_cond
-            fake_logits = self._logits(x, cond, sim.k, generator)
-            real_logits = self._logits(real.to(x.dtype), rc, sim.k, generator)
+            if shared:  # the denoising pass's features of the fakes, a features-only pass of the reals
+                real_feats = self._features([real.to(x.dtype)], [rc], k, generator)
+                feats = [torch.cat([f, r]) for f, r in zip(feats, real_feats)]
+            else:
+                feats = self._features([x, real.to(x.dtype)], [cond, rc], k, generator)
+            fake_logits, real_logits = self._head(feats).split([b, real.shape[0]])  # one head call
             loss_d = gan_discriminator_loss(fake_logits, real_logits).mean()
             loss = loss + c.gan_discriminator_weight * loss_d
             logs.update(loss_gan_d=loss_d.detach(), logits_fake=fake_logits.detach().mean(),

@@ -57,8 +57,10 @@ class BackwardSimulationSampler:
         return self.schedule.time_tensor(self.timesteps[k - 1], batch, device)
 
     def draw_k(self, generator: torch.Generator | None = None) -> int:
-        """A step index uniform in ``1..N`` (on CPU; in distributed training pass the same generator seed on all ranks)."""
-        return int(torch.randint(1, self.num_steps + 1, (1,), generator=generator))
+        """A step index uniform in ``1..N``, drawn from ``generator`` on its device (a CUDA generator costs one host
+        sync; the trainer uses a CPU one, seeded alike on all ranks); ``None``: the global CPU RNG."""
+        device = generator.device if generator is not None else "cpu"
+        return int(torch.randint(1, self.num_steps + 1, (1,), generator=generator, device=device))
 
     def _renoise(self, x0: torch.Tensor, k_next: int, generator, noises, i: int) -> torch.Tensor:
         if noises is not None:
@@ -85,13 +87,14 @@ class BackwardSimulationSampler:
 
     def simulate(self, G: Callable, noise: torch.Tensor, cond: Any = None, k: int | None = None,
                  generator: torch.Generator | None = None, noises: Sequence[torch.Tensor] | None = None) -> Simulated:
-        """Backward simulation: a training input for step ``k`` (drawn uniformly in ``1..N`` with ``generator`` if None).
+        """Backward simulation: a training input for step ``k`` (if None, drawn uniformly in ``1..N`` from ``generator``,
+        whatever its device: :meth:`draw_k`).
 
         ``noise``: unit Gaussian ``(B, ...)`` for the prior; re-noises are drawn from ``generator`` (independent of
         ``noise``) unless ``noises`` (a list of ``k-1`` tensors) is given. The result carries no autograd graph.
         """
         if k is None:
-            k = self.draw_k(generator if generator is None or generator.device.type == "cpu" else None)
+            k = self.draw_k(generator)
         x = self.input_at(G, noise, cond, k, generator, noises)
         return Simulated(x_t=x.detach(), t=self.t(k, noise.shape[0], noise.device), k=k)
 

@@ -9,11 +9,16 @@ Sources (all indexable, so :class:`~dmd2.train.IndexedBatches` can serve batch `
   an index of the tar headers (:mod:`tarfile`), each image read by offset. Not the ``webdataset`` package: its
   pipelines stream samples in order, while exact resume and a change of rank count need sample ``i`` of batch
   ``(step, shard)`` by index (its indexed reader, ``wids``, is not part of webdataset 1.0);
-* :class:`LatentCache` - latents precomputed by :func:`cache_latents` (``latents.safetensors`` + ``captions.jsonl``).
+* :class:`LatentCache` - the VAE posterior's moments precomputed by :func:`cache_latents` (``latents.safetensors``
+  with ``mean`` and ``std``, + ``captions.jsonl``), read lazily per item.
 
 Images are resized (shorter side to ``resolution``, bicubic) and centre-cropped to ``resolution`` x ``resolution``,
-then scaled to ``[-1, 1]``. VAE latents are ``scaling_factor * mean(q(z | x))`` (the posterior mean: deterministic, so
-the same sample gives the same latent on every run and in the cache).
+then scaled to ``[-1, 1]``. The VAE's posterior is ``q(z | x) = N(mu(x), diag sigma(x)^2)``; a real latent for the
+GAN is a *sample* ``s (mu + sigma eps)`` with the scaling factor ``s`` (the official code samples it too: the posterior
+mean alone lacks the sample noise a discriminator can tell from generator latents). Every source therefore yields
+``moments (2, C, h, w) = stack(s mu, s sigma)`` (:func:`vae_moments`), and :func:`sample_posterior` draws from them
+with a caller-keyed generator (the SDXL recipe keys it by ``(data.seed, step, shard)``: a fresh sample per read that
+resume reproduces). Every source lists its ``captions()`` (``data.prompts=real``: the generator's prompts).
 """
 from __future__ import annotations
 
@@ -25,8 +30,8 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["IMAGE_SUFFIXES", "load_image", "ImageCaptionFolder", "WebDatasetShards", "LatentCache", "vae_encode",
-           "cache_latents", "open_image_source"]
+__all__ = ["IMAGE_SUFFIXES", "load_image", "ImageCaptionFolder", "WebDatasetShards", "LatentCache", "vae_moments",
+           "sample_posterior", "cache_latents", "open_image_source"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -74,6 +79,9 @@ class ImageCaptionFolder:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def captions(self) -> list[str]:
+        return [c for _, c in self.items]
 
     def __getitem__(self, i: int):
         name, caption = self.items[i]
@@ -133,6 +141,9 @@ class WebDatasetShards:
     def __len__(self) -> int:
         return len(self.index)
 
+    def captions(self) -> list[str]:
+        return [c for *_, c in self.index]
+
     def __getitem__(self, i: int):
         si, offset, size, caption = self.index[i]
         with open(self.paths[si], "rb") as f:
@@ -142,41 +153,76 @@ class WebDatasetShards:
 
 
 class LatentCache:
-    """Latents written by :func:`cache_latents`: ``root/latents.safetensors`` (``latents`` ``(N, C, h, w)``) and
-    ``root/captions.jsonl``; ``ds[i] -> (latent (C, h, w) fp32, caption)``."""
+    """The posterior moments written by :func:`cache_latents`: ``root/latents.safetensors`` (``mean`` and ``std``,
+    each ``(N, C, h, w)``, already times the VAE's scaling factor) and ``root/captions.jsonl``;
+    ``ds[i] -> (moments (2, C, h, w) fp32, caption)``, read from the file per item (the cache is not held in memory).
+
+    A cache of an older dmd2 (one ``latents`` tensor: posterior means only) is refused with the command that rebuilds it.
+    """
 
     def __init__(self, root: str | Path):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         self.root = Path(root)
         lat, cap = self.root / "latents.safetensors", self.root / "captions.jsonl"
         if not lat.is_file() or not cap.is_file():
             raise ValueError(f"latent cache {str(self.root)!r}: expected latents.safetensors and captions.jsonl "
                              "(write one with cache_latents / `python -m dmd2.recipes.sdxl cache-latents`)")
-        self.latents = load_file(str(lat))["latents"]
-        self.captions = [json.loads(line)["caption"] for line in cap.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if len(self.captions) != self.latents.shape[0]:
-            raise ValueError(f"latent cache {str(self.root)!r}: {self.latents.shape[0]} latents but {len(self.captions)} captions")
+        self._file = safe_open(str(lat), "pt")
+        keys = set(self._file.keys())
+        if keys != {"mean", "std"}:
+            raise ValueError(f"latent cache {str(self.root)!r} holds {sorted(keys)}, not the posterior's mean and std "
+                             "(an older cache of posterior means only); rebuild it: python -m dmd2.recipes.sdxl "
+                             "cache-latents OUT_DIR data.real=IMAGES data.real_kind=folder|webdataset")
+        self._mean, self._std = self._file.get_slice("mean"), self._file.get_slice("std")
+        shape = self._mean.get_shape()
+        if self._std.get_shape() != shape or len(shape) != 4:
+            raise ValueError(f"latent cache {str(self.root)!r}: mean {self._mean.get_shape()} and std "
+                             f"{self._std.get_shape()} must be one (N, C, h, w) shape")
+        self.captions_list = [json.loads(line)["caption"] for line in cap.read_text(encoding="utf-8").splitlines()
+                              if line.strip()]
+        if len(self.captions_list) != shape[0]:
+            raise ValueError(f"latent cache {str(self.root)!r}: {shape[0]} latents but {len(self.captions_list)} captions")
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.captions_list)
+
+    def captions(self) -> list[str]:
+        return list(self.captions_list)
 
     def __getitem__(self, i: int):
-        return self.latents[i].float(), self.captions[i]
+        if not 0 <= i < len(self):
+            raise IndexError(f"latent cache {str(self.root)!r}: index {i} out of range for {len(self)} latents")
+        return torch.stack([self._mean[i], self._std[i]]).float(), self.captions_list[i]
 
 
 @torch.no_grad()
-def vae_encode(vae, images: torch.Tensor) -> torch.Tensor:
-    """``scaling_factor * E[q(z | x)]`` for images ``(B, 3, H, W)`` in ``[-1, 1]`` -> ``(B, C, H/f, W/f)`` fp32."""
+def vae_moments(vae, images: torch.Tensor) -> torch.Tensor:
+    """``stack(s mu(x), s sigma(x))`` of the VAE posterior, ``s = scaling_factor``: images ``(B, 3, H, W)`` in
+    ``[-1, 1]`` -> ``(B, 2, C, H/f, W/f)`` fp32."""
     if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"vae_encode: expected images (B, 3, H, W), got {tuple(images.shape)}")
+        raise ValueError(f"vae_moments: expected images (B, 3, H, W), got {tuple(images.shape)}")
     p = next(vae.parameters())
     dist = vae.encode(images.to(p.device, p.dtype)).latent_dist
-    return (dist.mean * vae.config.scaling_factor).float()
+    s = vae.config.scaling_factor
+    return torch.stack([dist.mean * s, dist.std * s], dim=1).float()
 
 
-def cache_latents(dataset, vae, out: str | Path, batch: int = 16, progress: Callable | None = None) -> Path:
-    """Encode every ``(image, caption)`` of ``dataset`` with ``vae`` into a :class:`LatentCache` folder ``out``."""
+def sample_posterior(moments: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``mean + std * eps``, ``eps ~ N(0, I)`` from ``generator``: moments ``(B, 2, C, h, w)`` -> latents
+    ``(B, C, h, w)`` (one fresh posterior sample per call)."""
+    if moments.dim() != 5 or moments.shape[1] != 2:
+        raise ValueError(f"sample_posterior: expected moments (B, 2, C, h, w), got {tuple(moments.shape)}")
+    mean, std = moments.unbind(1)
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + std * eps
+
+
+def cache_latents(dataset, vae, out: str | Path, batch: int = 16, progress: Callable | None = None,
+                  dtype: torch.dtype = torch.float16) -> Path:
+    """Encode every ``(image, caption)`` of ``dataset`` with ``vae`` into a :class:`LatentCache` folder ``out``:
+    the posterior's scaled mean and std, stored in ``dtype`` (fp16 by default, as the official latents; 2 x 128 KiB
+    per 1024 px image)."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -184,12 +230,13 @@ def cache_latents(dataset, vae, out: str | Path, batch: int = 16, progress: Call
     chunks, caps = [], []
     for start in range(0, len(dataset), batch):
         items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
-        chunks.append(vae_encode(vae, torch.stack([x for x, _ in items])).cpu())
+        chunks.append(vae_moments(vae, torch.stack([x for x, _ in items])).cpu())
         caps += [c for _, c in items]
         if progress is not None:
             progress(len(caps), len(dataset))
+    moments = torch.cat(chunks).to(dtype)
     tmp = out / "latents.safetensors.tmp"
-    save_file({"latents": torch.cat(chunks).contiguous()}, str(tmp))
+    save_file({"mean": moments[:, 0].contiguous(), "std": moments[:, 1].contiguous()}, str(tmp))
     (out / "captions.jsonl").write_text("".join(json.dumps({"caption": c}) + "\n" for c in caps), encoding="utf-8")
     tmp.replace(out / "latents.safetensors")
     return out

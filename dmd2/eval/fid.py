@@ -26,7 +26,7 @@ and is refused with a message saying so. Nothing is downloaded.
 
 Command line::
 
-    python -m dmd2.eval.fid --ckpt RUN/checkpoints/checkpoint-00200000 --detector inception-2015-12-05.pt \
+    python -m dmd2.eval.fid --ckpt RUN_OR_CHECKPOINT --detector inception-2015-12-05.pt \
         --ref imagenet-64x64.npz [--num 50000] [--batch 250] [--mode edm] [--out fid.json]
     python -m dmd2.eval.fid --sampler heun18 --teacher edm-imagenet-64x64-cond-adm.pkl --detector ... --ref ...
     python -m dmd2.eval.fid ref --data imagenet-64x64.zip --detector ... --dest imagenet-64x64.npz
@@ -316,17 +316,20 @@ def build_sample_fn(args, device: torch.device) -> tuple[Callable, dict[str, Any
     """``(sample_fn, info)`` for ``--sampler student`` (``--ckpt``) or ``--sampler heunN`` (``--teacher``)."""
     if args.sampler == "student":
         if not args.ckpt:
-            raise ValueError("--sampler student needs --ckpt (a checkpoint folder of python -m dmd2.recipes.imagenet64)")
-        from ..recipes.imagenet64 import load_generator
+            raise ValueError("--sampler student needs --ckpt (a run or checkpoint folder of a class-conditional recipe, "
+                             "e.g. python -m dmd2.recipes.imagenet64)")
+        from ..train.loading import load_generator
 
-        student = load_generator(args.ckpt, weights=args.weights, device=device, steps=args.steps)
-        student.eval()
+        student = load_generator(args.ckpt, weights=args.weights, device=device, steps=args.steps,
+                                 recipe=args.recipe or None)
+        if not student.num_classes:
+            raise ValueError(f"--ckpt {args.ckpt}: FID here needs a class-conditional image generator (labels as cond)")
 
         def sample_fn(noise, labels, g):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 return student(noise, labels, generator=g).float()
 
-        info = {"sampler": "student", "ckpt": os.fspath(args.ckpt), "weights": args.weights,
+        info = {"sampler": "student", "ckpt": os.fspath(student.checkpoint), "weights": student.weights,
                 "steps": student.num_steps, "nfe": student.num_steps}
         return sample_fn, {**info, "num_classes": student.num_classes, "shape": student.shape}
     n = _heun_steps(args.sampler)
@@ -363,7 +366,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", help="gen: reference npz (keys mu, sigma), e.g. EDM's imagenet-64x64.npz")
     p.add_argument("--sampler", default="student", help="gen: 'student' (--ckpt) or 'heunN' (EDM Heun, --teacher), "
                                                          "e.g. heun18 = the teacher baseline (35 NFE)")
-    p.add_argument("--ckpt", help="gen: checkpoint folder of the imagenet64 recipe")
+    p.add_argument("--ckpt", help="gen: run folder (its newest checkpoint) or checkpoint folder, e.g. of imagenet64")
+    p.add_argument("--recipe", default="", help="gen: the recipe's module (e.g. dmd2.recipes.imagenet64), for a "
+                                                "checkpoint whose config.json names none")
     p.add_argument("--weights", default="generator", choices=["generator", "ema"], help="gen: which student weights")
     p.add_argument("--steps", type=int, default=None, help="gen: student steps (default: the checkpoint's)")
     p.add_argument("--teacher", help="gen: EDM teacher .pkl / .safetensors for --sampler heunN")

@@ -1,4 +1,9 @@
-r"""Teacher samplers: evaluation baselines, and the ODE solutions that the 1-step SDXL warm start regresses to.
+r"""Teacher samplers: evaluation baselines, the ODE solutions that the 1-step SDXL warm start regresses to, and the
+seeded wrapper evaluation protocols call.
+
+:func:`seeded_sampler` turns ``fn(noise, labels, generator) -> images`` into the protocol's ``sample(labels, seed)``
+(:func:`dmd2.eval.fid_mnist.evaluate_sampler`): unit noise from ``torch.Generator().manual_seed(seed)``, in chunks;
+:func:`heun_sampler` is it around :func:`edm_heun`.
 
 :func:`edm_heun`: EDM's deterministic 2nd-order sampler (Karras et al. 2022, Algorithm 1 with
 ``S_churn = 0``) on the Karras grid :math:`\sigma_0 = \sigma_{max} > \dots > \sigma_{N-1} = \sigma_{min}`,
@@ -28,13 +33,13 @@ noise is the VP prior; diffusers' Euler pipelines with trailing (or linspace) sp
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..core.schedules import EDMSchedule, VPSchedule
 
-__all__ = ["edm_heun", "heun_nfe", "ddim", "trailing_timesteps", "euler_trailing_start"]
+__all__ = ["edm_heun", "heun_nfe", "heun_sampler", "seeded_sampler", "ddim", "trailing_timesteps", "euler_trailing_start"]
 
 
 def heun_nfe(num_steps: int) -> int:
@@ -65,6 +70,30 @@ def edm_heun(denoiser: Callable, noise: torch.Tensor, cond: Any = None, num_step
             x_next = x + (s_next - s) * 0.5 * (di + d(x_next, s_next))
         x = x_next
     return x.to(noise.dtype)
+
+
+def seeded_sampler(fn: Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor], shape: Sequence[int],
+                   chunk: int = 500) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``sample(labels (N,), seed) -> images (N, *shape)`` under no-grad: ``z ~ N(0, I)`` of shape ``(N, *shape)``
+    drawn first from ``g = torch.Generator().manual_seed(seed)``, then ``fn(z[i:i+chunk], labels[i:i+chunk], g)``
+    chunk by chunk (``g`` carries any further randomness, e.g. a multi-step student's re-noising)."""
+    if chunk < 1:
+        raise ValueError(f"seeded_sampler: chunk must be >= 1, got {chunk}")
+
+    @torch.no_grad()
+    def sample(labels: torch.Tensor, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn((labels.shape[0], *shape), generator=g)
+        return torch.cat([fn(z[i:i + chunk], labels[i:i + chunk], g) for i in range(0, labels.shape[0], chunk)])
+
+    return sample
+
+
+def heun_sampler(denoiser: Callable, shape: Sequence[int], num_steps: int = 18, chunk: int = 500,
+                 schedule: EDMSchedule | None = None) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """:func:`seeded_sampler` around :func:`edm_heun` with ``num_steps`` steps (``2 num_steps - 1`` NFE; 1 step is one
+    call ``D(sigma_max z; sigma_max, y)``)."""
+    return seeded_sampler(lambda z, y, g: edm_heun(denoiser, z, y, num_steps=num_steps, schedule=schedule), shape, chunk)
 
 
 def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:

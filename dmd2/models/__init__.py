@@ -7,7 +7,7 @@ from .adm import (
     bottleneck_name,
     build_edm_adm,
     edm_imagenet64_config,
-    mnist_adm_config,
+    small_adm_config,
 )
 from .edm_pickle import EDMPickleRefused, convert_edm_pickle, load_edm_adm, load_edm_pickle
 
@@ -21,6 +21,6 @@ __all__ = [
     "bottleneck_name",
     "build_edm_adm",
     "edm_imagenet64_config",
-    "mnist_adm_config",
+    "small_adm_config",
     "EDM_IMAGENET64_SIGMA_DATA",
 ]

@@ -39,7 +39,7 @@ __all__ = [
     "UNetBlock",
     "PositionalEmbedding",
     "edm_imagenet64_config",
-    "mnist_adm_config",
+    "small_adm_config",
     "build_edm_adm",
     "bottleneck_name",
     "EDM_IMAGENET64_SIGMA_DATA",
@@ -131,8 +131,10 @@ def edm_imagenet64_config() -> ADMConfig:
     )
 
 
-def mnist_adm_config(label_dim: int = 10) -> ADMConfig:
-    """A small ADM for MNIST padded to 32x32, one channel, ``label_dim`` classes (0 = unconditional)."""
+def small_adm_config(label_dim: int = 10) -> ADMConfig:
+    """A small ADM at 32x32, one channel, ``label_dim`` classes (0 = unconditional): 2 blocks per level, widths 32,
+    64, 64, attention at 8x8 (a test-sized network; the MNIST teacher's is
+    :func:`dmd2.recipes.mnist_teacher.teacher_adm_config`)."""
     return ADMConfig(
         img_resolution=32, img_channels=1, label_dim=label_dim, model_channels=32, channel_mult=(1, 2, 2),
         channel_mult_emb=4, num_blocks=2, attn_resolutions=(8,), dropout=0.1, channels_per_head=32,

@@ -44,7 +44,11 @@ __all__ = [
     "SUBFOLDERS", "SDXLParts", "load_sdxl", "is_offline", "PromptEncoder", "time_ids",
     "AdapterSwitch", "add_lora", "SDXLDenoiser", "Networks", "build_networks", "MEMORY_MODES", "DEFAULT_LORA_TARGETS",
     "schedule_from_folder", "unet_config_path", "lora_param_names", "DiffusersVPSchedule", "adapter_weights_from_checkpoint",
+    "DTYPES",
 ]
+
+#: the dtypes a config names: ``fp32`` | ``bf16`` | ``fp16``
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: component -> subfolder of a diffusers SDXL folder
 SUBFOLDERS = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2",

@@ -5,32 +5,33 @@ Networks (all ``EDMPrecond(ADMNet)`` denoisers, EDM preconditioning, sigma_data 
 * teacher ``D_real``: EDM's ``edm-imagenet-64x64-cond-adm.pkl`` (read without running code from the file, or its
   ``python -m dmd2.models.convert_edm`` safetensors), frozen;
 * generator ``G`` and fake score ``D_fake``: copies of the teacher (DMD2 initialises both from it), dropout 0;
-* GAN head on ``D_fake``'s bottleneck (``model.enc.8x8_block2``, 768 x 8 x 8), a diffusion GAN over the whole
-  noise range (``t'`` uniform over the full 1000-point Karras grid).
+* GAN head on ``D_fake``'s bottleneck (``model.enc.8x8_block2``, 768 x 8 x 8) as in the official code: conv 4/s2 ->
+  GroupNorm -> SiLU -> conv 4/s4 -> GroupNorm -> SiLU -> linear (``gan.hidden=768 gan.depth=1 gan.final_conv=true``),
+  a diffusion GAN over the whole noise range (``t'`` uniform over the full 1000-point Karras grid).
 
 1-step generation: ``x = G(80 z, sigma = 80, c)``, ``z ~ N(0, I)``. Schedule: Karras sigmas 0.002..80, rho 7; the DM
 term and the fake score's denoising loss draw ``t`` over 2%..98% of the grid. An ``N``-step student uses the first
 ``N`` sigmas of an ``N + 1``-point Karras grid (``--steps N``; 1 step -> ``[80]``).
 
-Paper hyperparameters (preset ``paper``, also the defaults): AdamW lr 2e-6 for both, betas (0.9, 0.999), weight decay
-0.01, batch 40 per GPU (7 GPUs), critic ratio 5 (TTUR), GAN weights 3e-3 (G) / 1e-2 (D), bf16, grad clip 10,
-200k iterations -> FID 1.51. (1.28: a longer run, see docs/imagenet64.md.)
+Paper hyperparameters (preset ``paper``, also the defaults; every key against the official run script in
+docs/presets.md): AdamW lr 2e-6 for both, betas (0.9, 0.999), weight decay 0.01, batch 40 per GPU (7 GPUs), critic
+ratio 5 (TTUR), GAN weights 3e-3 (G) / 1e-2 (D), bf16, grad clip 10, warm-up 72 iterations (the official 500
+scheduler steps at 7 GPUs), 200k iterations -> FID 1.51. (1.28: a longer run, see docs/imagenet64.md.)
 
 Command line (``dmd2.train`` grammar)::
 
     torchrun --nproc_per_node 7 -m dmd2.recipes.imagenet64 teacher.path=edm-imagenet-64x64-cond-adm.safetensors \
         data.path=imagenet-64x64.zip train.distributed=ddp --out runs/imagenet64
     python -m dmd2.recipes.imagenet64 --preset tiny          # CPU, seconds, no files needed
-    python -m dmd2.recipes.imagenet64 sample CKPT [OUT.png]  # a grid of 64 images from a checkpoint
+    python -m dmd2.recipes.imagenet64 sample RUN_OR_CKPT [OUT.png]  # a grid of 64 images from a checkpoint
 
-For users: :func:`load_generator` ``(checkpoint) -> ImageNet64Generator``, ``gen(noise, labels) -> images``.
+For users: ``dmd2.train.load_generator(RUN_OR_CKPT) -> Student`` (:func:`student` builds it),
+``gen(noise (B, 3, 64, 64), labels (B,)) -> images`` in [-1, 1].
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..core import BackwardSimulationSampler, EDMSchedule, GANHead
+from ..core import BackwardSimulationSampler, EDMSchedule
 from ..models.adm import ADMConfig, UNetBlock, bottleneck_name, build_edm_adm
-from ..train import Components, Recipe, RecipeConfig, main
-from ..train.config import apply_overrides, config_from_dict
+from ..train import Components, Recipe, RecipeConfig, Student, main
+from ..train.config import apply_overrides, gan_head
 from ..train.data import IndexedBatches
 
 __all__ = [
-    "ModelConfig", "TeacherConfig", "DataConfig", "GANConfig", "InitConfig", "ImageNet64Config",
-    "SyntheticImages", "ImageNet64Generator", "student_grid", "build", "load_generator", "PRESETS", "RECIPE",
+    "ModelConfig", "TeacherConfig", "DataConfig", "InitConfig", "ImageNet64Config",
+    "SyntheticImages", "student_grid", "build", "student", "PRESETS", "RECIPE",
 ]
 
 
@@ -138,25 +139,13 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class GANConfig:
-    """The GAN head on the fake score's bottleneck.
-
-    Attributes:
-        hidden: channels of its strided 4x4 conv blocks.
-        depth: number of strided blocks.
-    """
-
-    hidden: int = 768
-    depth: int = 2
-
-
-@dataclass(frozen=True)
 class InitConfig:
     """Where the trained networks start.
 
     Attributes:
         checkpoint: start the generator, fake score (and GAN head, when both have one) from another run's
-            checkpoint folder instead of the teacher (a fresh run: optimizers and step start anew).
+            checkpoint folder (or run folder: its newest checkpoint) instead of the teacher (a fresh run: optimizers
+            and step start anew).
     """
 
     checkpoint: str = ""
@@ -167,7 +156,6 @@ class ImageNet64Config(RecipeConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    gan: GANConfig = field(default_factory=GANConfig)
     init: InitConfig = field(default_factory=InitConfig)
 
 
@@ -252,9 +240,10 @@ def _blocks(denoiser: nn.Module) -> list[nn.Module]:
 
 
 def _load_init(cfg: ImageNet64Config, gen: nn.Module, fake: nn.Module, head: nn.Module | None) -> None:
+    from ..train import resolve_checkpoint
     from ..train.checkpoint import read_weights
 
-    path = Path(cfg.init.checkpoint)
+    path = resolve_checkpoint(cfg.init.checkpoint)
     modules = {"generator": gen, "fake_score": fake, "gan_head": head}
     weights = read_weights(path, [n for n, m in modules.items() if m is not None])
     for name, module in modules.items():
@@ -281,8 +270,7 @@ def build(cfg: ImageNet64Config, info=None) -> Components:
             if isinstance(mod, UNetBlock):
                 mod.dropout = m.dropout
     fake_score = copy.deepcopy(generator)
-    gan_on = cfg.objective.gan_generator_weight > 0 or cfg.objective.gan_discriminator_weight > 0
-    head = GANHead([fake_score.model.bottleneck_channels], hidden=cfg.gan.hidden, depth=cfg.gan.depth) if gan_on else None
+    head = gan_head(cfg, [fake_score.model.bottleneck_channels])
     if cfg.init.checkpoint and loads:
         _load_init(cfg, generator, fake_score, head)
     world = getattr(info, "world_size", 1)
@@ -307,92 +295,31 @@ def build(cfg: ImageNet64Config, info=None) -> Components:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-class ImageNet64Generator(nn.Module):
-    r"""A trained student as an image generator: ``forward(noise (B, C, R, R) unit Gaussian, labels (B,) long,
-    generator=None) -> images (B, C, R, R)`` in [-1, 1] (not clipped).
-
-    1 step: ``G(sigma_1 z, sigma_1, c)`` with ``sigma_1 = 80``; ``N`` steps re-noise the x0 estimate to the next sigma
-    with fresh noise from ``generator`` (:class:`~dmd2.core.BackwardSimulationSampler`). Attributes ``denoiser``,
-    ``timesteps``, ``num_steps``, ``num_classes``, ``shape``.
-    """
-
-    def __init__(self, denoiser: nn.Module, timesteps: list[float], sigma_data: float):
-        super().__init__()
-        self.denoiser = denoiser
-        self.schedule = EDMSchedule(sigma_data=sigma_data)
-        self.sampler = BackwardSimulationSampler(self.schedule, timesteps)
-        cfg = denoiser.model.config
-        self.num_classes, self.shape = cfg.label_dim, (cfg.img_channels, cfg.img_resolution, cfg.img_resolution)
-
-    @property
-    def timesteps(self) -> list[float]:
-        return list(self.sampler.timesteps)
-
-    @property
-    def num_steps(self) -> int:
-        return self.sampler.num_steps
-
-    def forward(self, noise: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if noise.dim() != 4 or tuple(noise.shape[1:]) != self.shape:
-            raise ValueError(f"ImageNet64Generator: noise must be (B, {', '.join(map(str, self.shape))}), got "
-                             f"{tuple(noise.shape)}")
-        return self.sampler.sample(self.denoiser, noise, labels, generator=generator)
-
-
-def _checkpoint_dir(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
-    from ..train.checkpoint import is_complete, latest_checkpoint
-
-    p = Path(path)
-    if is_complete(p) and (p / "config.json").is_file():
-        return p
-    if (p / "checkpoints").is_dir():
-        latest = latest_checkpoint(p)
-        if latest is not None:
-            return latest
-    raise FileNotFoundError(f"{p}: not a checkpoint folder (expected state.pt, config.json and generator.safetensors or sharded/, e.g. "
-                            f"RUN/checkpoints/checkpoint-00200000) nor a run folder holding one")
-
-
-def load_generator(ckpt: str | os.PathLike, weights: str = "generator", device: torch.device | str = "cpu",
-                   steps: int | None = None) -> ImageNet64Generator:
-    """The student of an imagenet64 checkpoint (folder, or a run folder -> its newest checkpoint), in eval mode.
-
-    Args:
-        weights: ``"generator"`` (the trained weights) or ``"ema"`` (their EMA, when the run kept one).
-        steps: sampling steps (default: the run's ``sampler.steps``; the grid is then :func:`student_grid`).
-    """
+def student(cfg: ImageNet64Config, state_dict: dict[str, torch.Tensor]) -> Student:
+    """The trained student of a run with config ``cfg`` (:attr:`Recipe.generator <dmd2.train.Recipe>`): the ADM
+    network built on the meta device, ``state_dict`` checked (names and shapes) and assigned, on the run's grid
+    (:func:`student_grid`; 1 step: ``G(80 z; 80, c)``)."""
     from ..models.edm_pickle import check_state_dict_matches
-    from ..train.checkpoint import read_weights
 
-    if weights not in ("generator", "ema"):
-        raise ValueError(f"weights must be 'generator' or 'ema', got {weights!r}")
-    path = _checkpoint_dir(ckpt)
-    cfg = config_from_dict(ImageNet64Config(), json.loads((path / "config.json").read_text()))
-    sd = read_weights(path, [weights]).get(weights)
-    if sd is None:
-        raise FileNotFoundError(f"{path}: no {weights} weights" + (" (the run kept no EMA: train.ema_decay=none)" if weights == "ema" else ""))
-    if weights == "ema":
-        sd = {k.removeprefix("buffer::"): v for k, v in sd.items()}
-    net = build_edm_adm(dataclasses.replace(cfg.model, dropout=0.0).adm(), sigma_data=cfg.model.sigma_data,
-                        device="meta")
-    check_state_dict_matches(net, sd)
-    net.load_state_dict(sd, strict=True, assign=True)
-    schedule = EDMSchedule(sigma_data=cfg.model.sigma_data)
-    sampler_cfg = cfg.sampler if steps is None else apply_overrides(cfg, {"sampler.steps": steps,
-                                                                         "sampler.timesteps": None}).sampler
-    grid = sampler_cfg.grid(lambda n: student_grid(n, schedule))
-    return ImageNet64Generator(net, grid, cfg.model.sigma_data).to(device).eval().requires_grad_(False)
+    m = cfg.model
+    net = build_edm_adm(dataclasses.replace(m, dropout=0.0).adm(), sigma_data=m.sigma_data, device="meta")
+    check_state_dict_matches(net, state_dict)
+    net.load_state_dict(state_dict, strict=True, assign=True)
+    schedule = EDMSchedule(sigma_data=m.sigma_data)
+    sampler = BackwardSimulationSampler(schedule, cfg.sampler.grid(lambda n: student_grid(n, schedule)))
+    return Student(net, sampler, m.shape, m.label_dim)
 
 
 def sample_command(cfg: ImageNet64Config, args: list[str]) -> int:
-    """``sample CKPT [OUT.png]``: 64 images (classes spread over the label range, seeds 0..63) as a PNG grid."""
+    """``sample RUN_OR_CKPT [OUT.png]``: 64 images (classes spread over the label range, seeds 0..63) as a PNG grid,
+    from the EMA weights (the generator's when the run kept no EMA); default PNG ``CKPT/samples.png``."""
+    from ..train import load_generator
     from ..train.monitor import save_png
 
     if not 1 <= len(args) <= 2:
-        raise ValueError("usage: python -m dmd2.recipes.imagenet64 sample CKPT [OUT.png]")
+        raise ValueError("usage: python -m dmd2.recipes.imagenet64 sample RUN_OR_CKPT [OUT.png]")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gen = load_generator(args[0], device=device)
+    gen = load_generator(args[0], device=device, recipe=RECIPE)
     n = 64
     from ..eval.fid import sample_seeds_noise
 
@@ -400,7 +327,7 @@ def sample_command(cfg: ImageNet64Config, args: list[str]) -> int:
     labels = (torch.arange(n, device=device) * max(1, gen.num_classes // n)) % gen.num_classes
     with torch.no_grad():
         imgs = gen(noise, labels, generator=torch.Generator(device=device).manual_seed(0))
-    out = save_png(imgs, args[1] if len(args) > 1 else _checkpoint_dir(args[0]) / "samples.png", nrow=8)
+    out = save_png(imgs, args[1] if len(args) > 1 else gen.checkpoint / "samples.png", nrow=8)
     print(out)
     return 0
 
@@ -409,15 +336,16 @@ def sample_command(cfg: ImageNet64Config, args: list[str]) -> int:
 PAPER: dict[str, Any] = {
     "train.max_steps": 200_000, "train.batch_size": 40, "train.grad_accum": 1,
     "train.lr_generator": 2e-6, "train.lr_critic": 2e-6, "train.betas": (0.9, 0.999), "train.weight_decay": 0.01,
-    "train.adam_eps": 1e-8, "train.warmup_steps": 0, "train.grad_clip": 10.0, "train.mixed_precision": "bf16",
-    "train.checkpoint_every": 5000, "train.keep_last": 3, "train.log_every": 100, "train.sample_every": 5000,
+    "train.adam_eps": 1e-8, "train.warmup_steps": 72, "train.grad_clip": 10.0, "train.mixed_precision": "bf16",
+    "train.ema_decay": None, "train.seed": 10,
+    "train.checkpoint_every": 500, "train.keep_last": 3, "train.log_every": 100, "train.sample_every": 5000,
     "critic.ratio": 5, "sampler.steps": 1, "sampler.timesteps": None,
     "objective.dm_weight": 1.0, "objective.gan_generator_weight": 3e-3, "objective.gan_discriminator_weight": 1e-2,
     "objective.min_frac": 0.02, "objective.max_frac": 0.98, "objective.gan_min_frac": 0.0, "objective.gan_max_frac": 1.0,
     "model.img_resolution": 64, "model.img_channels": 3, "model.label_dim": 1000, "model.model_channels": 192,
     "model.channel_mult": (1, 2, 3, 4), "model.channel_mult_emb": 4, "model.num_blocks": 3,
     "model.attn_resolutions": (32, 16, 8), "model.channels_per_head": 64, "model.dropout": 0.0, "model.sigma_data": 0.5,
-    "teacher.random": False, "data.synthetic": 0, "gan.hidden": 768, "gan.depth": 2,
+    "teacher.random": False, "data.synthetic": 0, "gan.hidden": 768, "gan.depth": 1, "gan.final_conv": True,
 }
 
 TINY: dict[str, Any] = {
@@ -426,7 +354,8 @@ TINY: dict[str, Any] = {
     "train.sample_every": 3, "train.ema_decay": 0.9,
     "model.img_resolution": 16, "model.label_dim": 10, "model.model_channels": 16, "model.channel_mult": (1, 2),
     "model.num_blocks": 1, "model.attn_resolutions": (8,), "model.channels_per_head": 16,
-    "teacher.random": True, "data.synthetic": 64, "gan.hidden": 16, "gan.depth": 1,
+    "train.warmup_steps": 0, "train.seed": 0,
+    "teacher.random": True, "data.synthetic": 64, "gan.hidden": 16, "gan.depth": 1, "gan.final_conv": False,
 }
 
 PRESETS = {"paper": PAPER, "tiny": TINY}
@@ -438,7 +367,7 @@ def next_steps(cfg: ImageNet64Config, ckpt: Path) -> list[str]:
 
 
 RECIPE = Recipe(name="imagenet64", config=apply_overrides(ImageNet64Config(), PAPER), build=build, presets=PRESETS,
-                commands={"sample": sample_command}, next_steps=next_steps)
+                commands={"sample": sample_command}, next_steps=next_steps, generator=student)
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process

@@ -5,8 +5,9 @@ Networks (all the teacher's architecture, :func:`dmd2.recipes.mnist_teacher.teac
 
 * teacher ``D_real``: the shipped EMA weights (``dmd2/assets/mnist_teacher.safetensors``; ``teacher.path`` for another);
 * generator ``G`` and fake score ``D_fake``: both initialised from the teacher (paper Sec. 5);
-* GAN head ``H`` (:class:`~dmd2.core.GANHead`) on ``D_fake``'s bottleneck (``model.enc.8x8_block0``, 32 x 8 x 8),
-  diffusion GAN at an independent noise level (Sec. 4.2).
+* GAN head ``H`` (:class:`~dmd2.core.GANHead`, section ``gan``: width 64, 2 strided blocks, 8x8 -> 2x2, pooled) on
+  ``D_fake``'s bottleneck (``model.enc.8x8_block0``, 32 x 8 x 8), diffusion GAN at an independent noise level
+  (Sec. 4.2); with both GAN weights at 0 (the "w/o GAN" ablation) no head is built and no real image is read.
 
 The student's grid: 1 step = ``G(80 z; 80, y)`` (the paper's ImageNet-64 generator input); ``--steps N`` uses the
 first ``N`` sigmas of EDM's ``(N+1)``-point Karras grid (4 steps: 80, 17.5, 2.52, 0.170) with backward simulation
@@ -16,14 +17,16 @@ the small network and the CPU budget (presets below).
 
 Commands (``python -m dmd2.recipes.mnist [COMMAND] [--preset P] [--out DIR] [--steps N] [key=value ...]``):
 
-* ``train`` (default): distil, then evaluate into ``OUT/metrics.json`` (top-level keys ``real_train``,
+* ``train`` (default): distil, then (:attr:`Recipe.after_train <dmd2.train.Recipe>`, only when the run reached
+  ``train.max_steps``) evaluate into ``OUT/metrics.json`` (top-level keys ``real_train``,
   ``teacher_ode``, ``teacher_1step``, ``student_1step`` and ``student_{N}step`` for ``--steps N > 1``; each with
   ``fid``, ``fid_std``, ``kid``, ``label_accuracy``, ``nfe``, ``seconds`` and ``weights``: which weights were
   evaluated), ``OUT/samples_side_by_side.png`` (rows: real, teacher ODE, teacher 1-step, student; columns: classes
   0-9 twice) and a printed table. Protocol: :mod:`dmd2.eval.fid_mnist` (N = 1,000, 100 per class, seeds 0, 1, 2,
   vs the held-out split). The teacher's rows are read from the JSON shipped next to its checkpoint when present
   (computed once when it was trained), else computed (about 10 minutes on 2 cores).
-* ``evaluate``: the evaluation alone, on the newest checkpoint in ``OUT``.
+* ``evaluate [RUN_OR_CKPT]``: the evaluation alone, on the newest checkpoint in ``OUT`` (or of the run folder / the
+  checkpoint folder given). ``dmd2.train.load_generator(RUN)`` gives the trained student.
 * ``teacher``: train a teacher into ``OUT`` (:mod:`dmd2.recipes.mnist_teacher`; overrides ``teacher.iters=...``),
   then evaluate it and record the figures in ``OUT/teacher.json``.
 
@@ -38,33 +41,21 @@ import copy
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..core import BackwardSimulationSampler, EDMSchedule, GANHead
+from ..core import BackwardSimulationSampler, EDMSchedule
 from ..data.mnist import load_mnist
 from ..models.adm import bottleneck_name
-from ..train import Components, IndexedBatches, Recipe, RecipeConfig, main as train_main
-from .mnist_teacher import (DEFAULT_TEACHER, TeacherConfig, evaluate_teacher, load_teacher, metrics_entry,
-                            teacher_adm_config, train_teacher)
+from ..train import Components, IndexedBatches, Recipe, RecipeConfig, Student, TrainResult, main
+from ..train.config import gan_head
+from .mnist_teacher import (DEFAULT_TEACHER, IMAGE_SHAPE, TeacherConfig, build_teacher, evaluate_teacher, load_teacher,
+                            metrics_entry, train_teacher)
 
-__all__ = ["MNISTConfig", "MNISTModelConfig", "MNISTEvalConfig", "student_sigmas", "build", "evaluate_run",
-           "student_sampler", "RECIPE", "PRESETS", "main"]
-
-
-@dataclass(frozen=True)
-class MNISTModelConfig:
-    """The GAN head on the fake score's bottleneck (32 x 8 x 8).
-
-    Attributes:
-        gan_hidden: channels of the head's conv blocks.
-        gan_depth: strided blocks (2: 8x8 -> 2x2).
-    """
-
-    gan_hidden: int = 64
-    gan_depth: int = 2
+__all__ = ["MNISTConfig", "MNISTEvalConfig", "student_sigmas", "build", "student", "evaluate_run",
+           "student_sampler", "RECIPE", "PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +89,6 @@ class MNISTTeacherSection(TeacherConfig):
 @dataclass(frozen=True)
 class MNISTConfig(RecipeConfig):
     teacher: MNISTTeacherSection = field(default_factory=MNISTTeacherSection)
-    model: MNISTModelConfig = field(default_factory=MNISTModelConfig)
     eval: MNISTEvalConfig = field(default_factory=MNISTEvalConfig)
 
 
@@ -111,6 +101,11 @@ def student_sigmas(steps: int, schedule: EDMSchedule | None = None) -> list[floa
 
 def teacher_path(cfg: MNISTConfig) -> Path:
     return Path(cfg.teacher.path) if cfg.teacher.path else DEFAULT_TEACHER
+
+
+def _sampler(cfg: MNISTConfig) -> BackwardSimulationSampler:
+    schedule = EDMSchedule(sigma_data=cfg.teacher.sigma_data)
+    return BackwardSimulationSampler(schedule, cfg.sampler.grid(lambda n: student_sigmas(n, schedule)))
 
 
 class _TrainSplit:
@@ -128,62 +123,51 @@ class _TrainSplit:
 
 def build(cfg: MNISTConfig, info=None) -> Components:
     """Teacher (frozen), generator and fake score (copies of the teacher), GAN head, data, sampler."""
-    schedule = EDMSchedule(sigma_data=cfg.teacher.sigma_data)
+    sampler = _sampler(cfg)
+    schedule = sampler.schedule
     teacher = load_teacher(teacher_path(cfg))
     generator = copy.deepcopy(teacher).train().requires_grad_(True)
     fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
-    sampler = BackwardSimulationSampler(schedule, cfg.sampler.grid(lambda n: student_sigmas(n, schedule)))
     layer = bottleneck_name(fake_score)
     channels = fake_score.get_submodule(layer).out_channels
-    head = GANHead([channels], hidden=cfg.model.gan_hidden, depth=cfg.model.gan_depth)
+    head = gan_head(cfg, [channels])
     shards = (info.world_size if info is not None else 1) * cfg.train.grad_accum
-    real = IndexedBatches(_TrainSplit(), shards=shards, batch=cfg.train.batch_size, seed=cfg.train.seed)
+    real = None if head is None else IndexedBatches(_TrainSplit(), shards=shards, batch=cfg.train.batch_size,
+                                                    seed=cfg.train.seed)
 
     def latents(batch, g, device):
-        noise = torch.randn((batch, 1, 32, 32), generator=g, device=device)
+        noise = torch.randn((batch, *IMAGE_SHAPE), generator=g, device=device)
         cond = torch.randint(0, 10, (batch,), generator=g, device=device)
         return noise, cond
 
     def sample_fn(gen, device):  # OUT/samples/: one row per class 0..9, 8 samples each, the same noise every time
         g = torch.Generator(device=device).manual_seed(0)
-        noise = torch.randn((80, 1, 32, 32), generator=g, device=device)
+        noise = torch.randn((80, *IMAGE_SHAPE), generator=g, device=device)
         return sampler.sample(gen, noise, torch.arange(80, device=device) // 8, generator=g)
 
     return Components(generator=generator, fake_score=fake_score, teacher=teacher, schedule=schedule,
-                      sampler=sampler, latents=latents, real_data=real, gan_head=head, gan_layers=[layer],
+                      sampler=sampler, latents=latents, real_data=real, gan_head=head,
+                      gan_layers=[layer] if head is not None else [],
                       sample_fn=sample_fn, sample_rows=[f"class {c}" for c in range(10)])
+
+
+def student(cfg: MNISTConfig, state_dict: dict[str, torch.Tensor]) -> Student:
+    """The trained student of a run with config ``cfg`` (:attr:`Recipe.generator <dmd2.train.Recipe>`): the teacher's
+    network with ``state_dict`` loaded (strict), on the run's grid; ``G(noise (B, 1, 32, 32), labels (B,))``."""
+    net = build_teacher(0.0, cfg.teacher.sigma_data)
+    net.load_state_dict(state_dict, strict=True)
+    return Student(net, _sampler(cfg), IMAGE_SHAPE, 10)
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
 def student_sampler(generator: torch.nn.Module, sampler: BackwardSimulationSampler, steps: int | None = None,
                     chunk: int = 500):
-    """A sampler for :func:`~dmd2.eval.fid_mnist.evaluate_sampler`: the student's first ``steps`` grid steps (all by
-    default) from ``z ~ N(0, I)``, prior noise then re-noise noise drawn from ``torch.Generator().manual_seed(seed)``."""
+    """A sampler for :func:`~dmd2.eval.fid_mnist.evaluate_sampler` (:func:`~dmd2.eval.samplers.seeded_sampler`): the
+    student's first ``steps`` grid steps (all by default) from ``z ~ N(0, I)``, prior noise then re-noise noise drawn
+    from ``torch.Generator().manual_seed(seed)``."""
+    from ..eval.samplers import seeded_sampler
 
-    @torch.no_grad()
-    def sample(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        z = torch.randn((labels.shape[0], 1, 32, 32), generator=g)
-        return torch.cat([sampler.sample(generator, z[i:i + chunk], labels[i:i + chunk], generator=g, steps=steps)
-                          for i in range(0, labels.shape[0], chunk)])
-
-    return sample
-
-
-def _student(cfg: MNISTConfig, ckpt: Path, which: str) -> tuple[torch.nn.Module, str]:
-    from ..train.checkpoint import read_checkpoint
-
-    weights, _, _ = read_checkpoint(ckpt)
-    gen = load_teacher(teacher_path(cfg))
-    if which == "ema" and "ema" in weights:
-        sd, label = {k: v for k, v in weights["ema"].items() if not k.startswith("buffer::")}, "student EMA"
-    else:
-        sd, label = weights["generator"], "student raw"
-    missing, unexpected = gen.load_state_dict(sd, strict=False)
-    if unexpected or any(not k.endswith("resample_filter") for k in missing):
-        raise ValueError(f"{ckpt}: generator weights do not match the MNIST network (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    return gen.eval(), f"{label} ({ckpt.name})"
+    return seeded_sampler(lambda z, y, g: sampler.sample(generator, z, y, generator=g, steps=steps), IMAGE_SHAPE, chunk)
 
 
 def _teacher_rows(cfg: MNISTConfig) -> dict:
@@ -212,17 +196,15 @@ def evaluate_run(cfg: MNISTConfig, ckpt: str | Path | None = None) -> dict:
     """Write ``OUT/metrics.json`` and ``OUT/samples_side_by_side.png`` for the newest (or given) checkpoint; print the
     table; return the metrics."""
     from ..eval.fid_mnist import dataset_sampler, evaluate_sampler
-    from ..train.checkpoint import latest_checkpoint
+    from ..eval.samplers import heun_sampler
+    from ..train import load_generator
     from ..train.monitor import save_png
-    from .mnist_teacher import heun_sampler
 
     out = Path(cfg.train.out)
-    ckpt = Path(ckpt) if ckpt is not None else latest_checkpoint(out)
-    if ckpt is None:
-        raise ValueError(f"no complete checkpoint in {out / 'checkpoints'}; train first")
-    schedule = EDMSchedule(sigma_data=cfg.teacher.sigma_data)
-    sampler = BackwardSimulationSampler(schedule, cfg.sampler.grid(lambda n: student_sigmas(n, schedule)))
-    gen, label = _student(cfg, ckpt, cfg.eval.weights)
+    G = load_generator(ckpt if ckpt is not None else out, weights="ema" if cfg.eval.weights == "ema" else "generator",
+                       recipe=RECIPE)
+    ckpt, gen, sampler = G.checkpoint, G.denoiser, G.sampler
+    label = f"student {'EMA' if G.weights == 'ema' else 'raw'} ({ckpt.name})"
     metrics: dict = {}
     steps = [1] + ([sampler.num_steps] if sampler.num_steps > 1 else [])
     stages = 2 + len(steps)
@@ -251,7 +233,7 @@ def evaluate_run(cfg: MNISTConfig, ckpt: str | Path | None = None) -> dict:
     labels = torch.arange(20) % 10
     real = dataset_sampler(*load_mnist("train"))(labels, 0)
     teacher = load_teacher(teacher_path(cfg))
-    rows = [real, heun_sampler(teacher, 18)(labels, 0), heun_sampler(teacher, 1)(labels, 0)]
+    rows = [real, heun_sampler(teacher, IMAGE_SHAPE, 18)(labels, 0), heun_sampler(teacher, IMAGE_SHAPE, 1)(labels, 0)]
     rows += [student_sampler(gen, sampler, n)(labels, 0) for n in steps]
     names = ["real train", "teacher_ode", "teacher_1step", *(f"student_{n}step" for n in steps)]
     save_png(torch.cat(rows), out / "samples_side_by_side.png", nrow=20, row_labels=names)
@@ -261,11 +243,17 @@ def evaluate_run(cfg: MNISTConfig, ckpt: str | Path | None = None) -> dict:
 
 
 def evaluate_command(cfg: MNISTConfig, args: list[str]) -> int:
-    """``evaluate [CKPT]``: evaluate the newest checkpoint in OUT (or CKPT)."""
+    """``evaluate [RUN_OR_CKPT]``: evaluate the newest checkpoint in OUT (or of RUN, or CKPT itself)."""
     if len(args) > 1:
-        raise ValueError("usage: evaluate [CHECKPOINT_DIR]")
+        raise ValueError("usage: evaluate [RUN_OR_CHECKPOINT_DIR]")
     evaluate_run(cfg, args[0] if args else None)
     return 0
+
+
+def after_train(cfg: MNISTConfig, result: TrainResult) -> None:
+    """After a completed ``train``: the evaluation (:func:`evaluate_run`) of its last checkpoint, when ``eval.enabled``."""
+    if cfg.eval.enabled:
+        evaluate_run(cfg, result.checkpoint)
 
 
 def teacher_command(cfg: MNISTConfig, args: list[str]) -> int:
@@ -297,6 +285,7 @@ DEFAULTS = {
     "train.sample_every": 300,
     "train.device": "cpu", "critic.ratio": 5,
     "objective.gan_generator_weight": 3e-3, "objective.gan_discriminator_weight": 1e-2,
+    "gan.hidden": 64, "gan.depth": 2,
 }
 
 
@@ -314,39 +303,10 @@ def next_steps(cfg: MNISTConfig, ckpt: Path) -> list[str]:
 
 
 RECIPE = Recipe(name="mnist", config=_default_config(), build=build, presets=PRESETS,
-                commands={"evaluate": evaluate_command, "teacher": teacher_command}, next_steps=next_steps)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The shared CLI (:func:`dmd2.train.main`), then, after ``train``, the evaluation (when ``eval.enabled``)."""
-    from ..train import resolve_config
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    rc = train_main(RECIPE, argv)
-    is_train = not argv or argv[0].startswith("-") or "=" in argv[0] or argv[0] == "train"
-    if rc != 0 or not is_train or "--dry-run" in argv or "-h" in argv or "--help" in argv:
-        return rc
-    cfg = resolve_config(RECIPE, *_cli_parts(argv))
-    if cfg.eval.enabled:
-        evaluate_run(cfg)
-    return 0
-
-
-def _cli_parts(argv: list[str]):
-    """``(preset, overrides, out, resume, steps, config)`` of a ``train`` command line (it parsed already, so it is valid)."""
-    import argparse
-
-    p = argparse.ArgumentParser(add_help=False)
-    for flag in ("--preset", "--out", "--resume"):
-        p.add_argument(flag, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--config", default=None)
-    args, rest = p.parse_known_args([a for a in argv if a != "train"])
-    return args.preset, [r for r in rest if "=" in r], args.out, args.resume, args.steps, args.config
-
+                commands={"evaluate": evaluate_command, "teacher": teacher_command}, next_steps=next_steps,
+                generator=student, after_train=after_train)
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process
 
-    exit_process(main())
+    exit_process(main(RECIPE))

@@ -7,10 +7,11 @@ r"""The MNIST teacher: a small class-conditional ADM with EDM preconditioning, t
     \lambda(\sigma) = 1/\sigma^2 + 1/\sigma_{data}^2
 
 on the TRAIN split of :mod:`dmd2.data.mnist` only, with Adam, a linear learning-rate warm-up and an EMA of the
-weights (what ships). Everything random comes from ``seed``: the initialisation (``torch.manual_seed``) and one
-``torch.Generator`` for the batch indices, the noise levels and the noise, so a run is reproducible on CPU with the
-same thread count. The network is deliberately small (:func:`teacher_adm_config`, ~0.33M parameters) so that it
-trains, and later distils, on two CPU cores.
+weights (what ships), by the library's denoiser loop (:func:`dmd2.train.denoiser.train_denoiser`). Everything random
+comes from ``seed``: the initialisation (``torch.manual_seed``) and one ``torch.Generator`` for the batch indices,
+the noise levels and the noise, so a run is reproducible on CPU with the same thread count. The network is
+deliberately small (:func:`teacher_adm_config`, ~0.33M parameters) so that it trains, and later distils, on two CPU
+cores.
 
 Run as ``python -m dmd2.recipes.mnist teacher [--out DIR] [teacher.iters=N ...]`` (or this module directly,
 ``python -m dmd2.recipes.mnist_teacher --out DIR``). ``DIR`` receives ``teacher.safetensors`` (EMA weights),
@@ -21,25 +22,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from ..core import EMA, EDMSchedule, denoising_loss
+from ..core import EDMSchedule
 from ..data.mnist import load_mnist
 from ..models.adm import ADMConfig, build_edm_adm
 from ..train.checkpoint import load_weights
 
 __all__ = ["TeacherConfig", "teacher_adm_config", "build_teacher", "load_teacher", "train_teacher",
-           "heun_sampler", "evaluate_teacher", "metrics_entry", "DEFAULT_TEACHER"]
+           "evaluate_teacher", "metrics_entry", "DEFAULT_TEACHER", "IMAGE_SHAPE"]
 
 DEFAULT_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "mnist_teacher.safetensors"
+#: one image: MNIST padded to 32 x 32, one channel (:mod:`dmd2.data.mnist`)
+IMAGE_SHAPE = (1, 32, 32)
 
 
 def teacher_adm_config(dropout: float = 0.0) -> ADMConfig:
@@ -129,100 +129,24 @@ def _resume_key(cfg: TeacherConfig) -> str:
     return json.dumps(d, sort_keys=True)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False, progress: bool = True,
                   command: str = "") -> dict:
-    """Train the teacher into the run folder ``out`` (module docstring); returns the ``teacher.json`` record.
+    """Train the teacher into the run folder ``out`` (module docstring; the loop is
+    :func:`dmd2.train.denoiser.train_denoiser`); returns the ``teacher.json`` record.
 
     With ``resume`` and an ``out/state.pt``, training continues exactly where that state stopped (same batches and
     noise as an uninterrupted run, since the generator state is restored). ``command`` is recorded as given.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..train.denoiser import train_denoiser
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     images, labels = load_mnist("train")
-    net = build_teacher(cfg.dropout, cfg.sigma_data).train()
-    ema = EMA(net, cfg.ema_decay)
-    sched = EDMSchedule(sigma_data=cfg.sigma_data)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-    g = torch.Generator().manual_seed(cfg.seed)
-    start, curve, elapsed_before = 0, [], 0.0
-    state_path = out / "state.pt"
-    if resume and state_path.is_file():
-        st = torch.load(state_path, weights_only=True)
-        if st["config"] != _resume_key(cfg):
-            raise ValueError(f"{state_path} was written with another configuration; refusing to resume")
-        net.load_state_dict(st["net"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        g.set_state(st["generator"])
-        start, curve, elapsed_before = int(st["iter"]), json.loads(st["curve"]), float(st["seconds"])
-    t0 = time.perf_counter()
-
-    def record(it: int) -> dict:
-        info = {
-            "config": asdict(cfg), "command": command, "iters_done": it, "params": sum(p.numel() for p in net.parameters()),
-            "adm_config": teacher_adm_config(cfg.dropout).to_dict(), "seconds": elapsed_before + time.perf_counter() - t0,
-            "loss_curve": curve, "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                                           f"{torch.get_num_threads()} thread(s)",
-        }
-        ema_net = build_teacher(0.0, cfg.sigma_data)
-        ema.copy_to(ema_net)
-        save_file({k: v.detach().contiguous() for k, v in ema_net.state_dict().items()}, str(out / "teacher.safetensors.tmp"))
-        os.replace(out / "teacher.safetensors.tmp", out / "teacher.safetensors")
-        torch.save({"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "generator": g.get_state(),
-                    "iter": it, "curve": json.dumps(curve), "seconds": info["seconds"],
-                    "config": _resume_key(cfg)}, str(state_path) + ".tmp")
-        os.replace(str(state_path) + ".tmp", state_path)
-        _write_json(out / "teacher.json", info)
-        return info
-
-    running, n_running, info = torch.zeros(()), 0, None
-    for it in range(start, cfg.iters):
-        idx = torch.randint(0, images.shape[0], (cfg.batch,), generator=g)
-        x0, y = images[idx], labels[idx]
-        sigma = (torch.randn(cfg.batch, generator=g) * cfg.p_std + cfg.p_mean).exp()
-        x_t = sched.add_noise(x0, torch.randn(x0.shape, generator=g), sigma)
-        loss = denoising_loss(net(x_t, sigma, y), x0, sigma, sched).mean()
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (it + 1) / cfg.warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update(net)
-        running += loss.detach()
-        n_running += 1
-        if (it + 1) % cfg.log_every == 0:
-            point = {"iter": it + 1, "loss": float(running) / n_running,
-                     "seconds": round(elapsed_before + time.perf_counter() - t0, 1)}
-            curve.append(point)
-            running, n_running = torch.zeros(()), 0
-            if progress:
-                print(json.dumps(point), flush=True)
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iters:
-            info = record(it + 1)
-    return info if info is not None else record(start)
-
-
-def heun_sampler(denoiser: torch.nn.Module, num_steps: int = 18, chunk: int = 500):
-    """A sampler for :func:`dmd2.eval.fid_mnist.evaluate_sampler`: EDM's Heun sampler (:func:`dmd2.eval.samplers.edm_heun`)
-    with ``num_steps`` steps (``2 num_steps - 1`` NFE; 1 step = one call ``D(80 z; 80, y)``) from unit noise
-    ``z ~ N(0, I)`` of shape ``(N, 1, 32, 32)`` drawn from ``torch.Generator().manual_seed(seed)``, in chunks of ``chunk``."""
-    from ..eval.samplers import edm_heun
-
-    def sample(labels: torch.Tensor, seed: int) -> torch.Tensor:
-        z = torch.randn((labels.shape[0], 1, 32, 32), generator=torch.Generator().manual_seed(seed))
-        return torch.cat([edm_heun(denoiser, z[i:i + chunk], labels[i:i + chunk], num_steps=num_steps)
-                          for i in range(0, labels.shape[0], chunk)])
-
-    return sample
+    net = build_teacher(cfg.dropout, cfg.sigma_data)
+    meta = {"config": asdict(cfg), "command": command, "adm_config": teacher_adm_config(cfg.dropout).to_dict()}
+    return train_denoiser(net, images, labels, EDMSchedule(sigma_data=cfg.sigma_data), cfg, out, name="teacher",
+                          resume_key=_resume_key(cfg), meta=meta, resume=resume, progress=progress)
 
 
 def metrics_entry(ev, nfe: int, seconds: float, weights: str) -> dict:
@@ -238,14 +162,14 @@ def evaluate_teacher(path: str | Path, n_per_class: int = 100, seeds: tuple[int,
     """``{"teacher_ode": ..., "teacher_1step": ...}``: the MNIST protocol (:mod:`dmd2.eval.fid_mnist`) on the teacher
     at ``path`` with EDM's Heun sampler at 18 steps (35 NFE) and in one step (1 NFE, ``D(80 z; 80, y)``)."""
     from ..eval.fid_mnist import evaluate_sampler
-    from ..eval.samplers import heun_nfe
+    from ..eval.samplers import heun_nfe, heun_sampler
 
     net = load_teacher(path)
     out = {}
     for key, steps in (("teacher_ode", 18), ("teacher_1step", 1)):
         t = time.perf_counter()
         with torch.no_grad():
-            ev = evaluate_sampler(heun_sampler(net, steps), seeds=seeds, n_per_class=n_per_class)
+            ev = evaluate_sampler(heun_sampler(net, IMAGE_SHAPE, steps), seeds=seeds, n_per_class=n_per_class)
         out[key] = metrics_entry(ev, heun_nfe(steps), time.perf_counter() - t, "teacher EMA")
         out[key]["sampler"] = f"EDM Heun, {steps} step(s)"
     return out

@@ -2,22 +2,25 @@ r"""DMD2 for SDXL (Yin et al. 2024, Sec. 5.2): a 4-step (or 1-step) text-to-imag
 
 Presets + builders on :mod:`dmd2.train` (no loop of its own)::
 
-    python -m dmd2.recipes.sdxl --preset paper --steps 4 data.prompts=prompts.parquet data.real=laion/ ...
+    python -m dmd2.recipes.sdxl --preset paper data.real=latents/ data.real_kind=latents ...   # 4-step, prompts = real captions
     python -m dmd2.recipes.sdxl --preset single-gpu ...          # shared-base: one SDXL copy, fits one 80 GB GPU
     python -m dmd2.recipes.sdxl --preset tiny --out runs/tiny     # CPU, no download (tiny SDXL-shaped components)
-    python -m dmd2.recipes.sdxl export CKPT OUT                   # diffusers StableDiffusionXLPipeline folder
-    python -m dmd2.recipes.sdxl sample CKPT OUT.png ["a prompt" ...]   # a sample grid from a checkpoint
+    python -m dmd2.recipes.sdxl export RUN_OR_CKPT OUT            # diffusers StableDiffusionXLPipeline folder
+    python -m dmd2.recipes.sdxl sample RUN_OR_CKPT OUT.png ["a prompt" ...]   # a sample grid from a checkpoint
     python -m dmd2.recipes.sdxl memory                            # memory plan per mode (meta-device SDXL UNet)
     python -m dmd2.recipes.sdxl cache-latents OUT_DIR             # VAE latents of data.real, for data.real_kind=latents
     python -m dmd2.recipes.sdxl ode-pairs PAIRS --num 10000 --preset ode-paper   # the 1-step warm start
     python -m dmd2.recipes.sdxl ode-pretrain PAIRS --preset ode-paper --out WARM  # (:mod:`dmd2.recipes.sdxl_ode`)
-    python -m dmd2.recipes.sdxl --preset paper --steps 1 model.generator_init=WARM ...
+    python -m dmd2.recipes.sdxl --preset paper-1step model.generator_init=WARM data.prompts=FILE ...
 
 The pieces: teacher = SDXL with classifier-free guidance 8 (standard form, one batched 2B forward, unconditional =
 zero text embeddings); generator and fake score initialised from the teacher (full copies or LoRA adapters, per
-``model.memory_mode``, see :mod:`dmd2.models.sdxl`); the GAN head reads the fake UNet's mid-block (1280 channels at
-1/32 of the image size, any resolution); ``--steps 4`` uses timesteps 999, 749, 499, 249 with backward simulation,
-``--steps 1`` the conditioning timestep 399 on pure noise.
+``model.memory_mode``, see :mod:`dmd2.models.sdxl`); the GAN head (section ``gan``; paper: the official head, four
+strided 4x4 convs of 1280 from 32x32 to 1x1, then a linear) reads the fake UNet's mid-block (1280 channels at 1/32 of
+the image size); real latents for it are samples of the VAE posterior (:mod:`dmd2.data.sdxl_images`), drawn per read
+from a generator keyed by ``(data.seed, step, shard)``; ``--steps 4`` uses timesteps 999, 749, 499, 249 with backward
+simulation, ``--steps 1`` the conditioning timestep 399 on pure noise. Every paper preset against the official run
+scripts, key by key: docs/presets.md.
 """
 from __future__ import annotations
 
@@ -28,16 +31,16 @@ from pathlib import Path
 
 import torch
 
-from ..core import BackwardSimulationSampler, CFGDenoiser, GANHead
-from ..models.sdxl import DEFAULT_LORA_TARGETS, MEMORY_MODES, PromptEncoder, build_networks, load_sdxl
-from ..train import Components, IndexedBatches, Recipe, RecipeConfig, apply_overrides, main
+from ..core import BackwardSimulationSampler, CFGDenoiser
+from ..models.sdxl import DEFAULT_LORA_TARGETS, DTYPES, MEMORY_MODES, PromptEncoder, build_networks, load_sdxl
+from ..train import Components, IndexedBatches, Recipe, RecipeConfig, Student, apply_overrides, derive_seed, main
+from ..train.config import gan_enabled, gan_head
 from .sdxl_ode import (ODE_PRESETS, SDXLODEConfig, generator_init_checkpoint, load_generator_init, ode_pairs_command,
                        ode_pretrain_command)
 
 __all__ = ["SDXLModelConfig", "SDXLDataConfig", "SDXLExportConfig", "SDXLEvalConfig", "SDXLConfig", "grid", "build",
-           "base_path", "PRESETS", "RECIPE", "DTYPES"]
+           "base_path", "student_unet", "load_student_unet", "student", "PRESETS", "RECIPE", "DTYPES"]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,14 @@ class SDXLModelConfig:
         local_files_only: never download (``HF_HUB_OFFLINE=1`` implies it).
         tiny: write tiny SDXL-shaped components (and tiny data) into ``OUT/tiny-base`` / ``OUT/tiny-data`` first.
         memory_mode: ``full`` | ``lora`` | ``shared-base`` (:mod:`dmd2.models.sdxl`).
-        frozen_dtype: dtype of frozen weights (teacher, LoRA bases, text encoders); trained weights are fp32.
+        frozen_dtype: dtype of frozen UNet weights (teacher, LoRA bases); trained weights are fp32.
+        text_encoder_dtype: dtype of the two CLIP text encoders (fp32: the official code runs them in fp32).
         vae_dtype: dtype of the VAE (fp32: SDXL's VAE overflows in fp16).
-        lora_rank, lora_alpha, lora_targets: LoRA adapters (paper LoRA variant: rank 64).
+        lora_rank, lora_alpha, lora_targets: LoRA adapters, scale ``alpha / rank`` (paper LoRA variant: rank 64,
+            alpha 8, the official ``--lora_alpha`` default: scale 0.125).
         guidance_scale: the teacher's CFG scale (paper: 8).
         uncond: ``zeros`` (zero text embeddings, the paper's choice) or ``empty`` (the encoded empty prompt).
         resolution: training resolution in pixels (time ids ``(R, R, 0, 0, R, R)``).
-        gan_hidden, gan_depth: the GAN head on the fake UNet's mid-block.
         generator_init: start the generator (``full`` mode) from this ``ode-pretrain`` output (its run folder or a
             checkpoint folder) instead of the teacher - the official 1-step run's warm start; empty: the teacher.
     """
@@ -65,21 +69,20 @@ class SDXLModelConfig:
     tiny: bool = False
     memory_mode: str = "full"
     frozen_dtype: str = "bf16"
+    text_encoder_dtype: str = "fp32"
     vae_dtype: str = "fp32"
     lora_rank: int = 64
-    lora_alpha: float = 64.0
+    lora_alpha: float = 8.0
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     guidance_scale: float = 8.0
     uncond: str = "zeros"
     resolution: int = 1024
-    gan_hidden: int = 256
-    gan_depth: int = 2
     generator_init: str = ""
 
     def __post_init__(self):
         if self.memory_mode not in MEMORY_MODES:
             raise ValueError(f"model.memory_mode must be one of {MEMORY_MODES}, got {self.memory_mode!r}")
-        for k in ("frozen_dtype", "vae_dtype"):
+        for k in ("frozen_dtype", "text_encoder_dtype", "vae_dtype"):
             if getattr(self, k) not in DTYPES:
                 raise ValueError(f"model.{k} must be one of {list(DTYPES)}, got {getattr(self, k)!r}")
         if self.uncond not in ("zeros", "empty"):
@@ -95,11 +98,12 @@ class SDXLDataConfig:
     """Prompts for the generator and real images for the GAN.
 
     Attributes:
-        prompts: a .txt (one per line), .jsonl or .parquet file of prompts.
+        prompts: a .txt (one per line), .jsonl or .parquet file of prompts; or ``real``: the captions of the real-image
+            set, as the official 4-step runs' ``--denoising`` takes them.
         prompt_key: the prompt field of .jsonl / .parquet (empty: the first of :data:`dmd2.data.prompts.PROMPT_KEYS` present).
         real: a folder with captions.jsonl, a folder / .tar of webdataset shards, or a latent cache.
         real_kind: ``folder`` | ``webdataset`` | ``latents``.
-        seed: orders the real data.
+        seed: orders the real data and keys its VAE-posterior samples.
     """
 
     prompts: str = ""
@@ -235,7 +239,7 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     moved here too.
     """
     from ..data.prompts import read_prompts
-    from ..data.sdxl_images import open_image_source, vae_encode
+    from ..data.sdxl_images import open_image_source, sample_posterior, vae_moments
 
     m, d, t = cfg.model, cfg.data, cfg.train
     device = info.device if info is not None else torch.device("cpu")
@@ -263,9 +267,21 @@ def build(cfg: SDXLConfig, info=None) -> Components:
             dist.barrier()  # the other ranks read what rank 0 wrote
         tp, ti = Path(t.out) / "tiny-data" / "prompts.txt", Path(t.out) / "tiny-data" / "images"
         prompts_path, real_path = prompts_path or str(tp), real_path or str(ti)
-    if not prompts_path:
-        raise ValueError("data.prompts is empty; expected a .txt / .jsonl / .parquet file of prompts")
-    prompts = read_prompts(prompts_path, key=d.prompt_key or None)
+    has_gan = gan_enabled(cfg)
+    dataset = None
+    if has_gan or d.prompts == "real":
+        if not real_path:
+            raise ValueError("data.real is empty; the GAN terms and data.prompts=real read the real-image set: set "
+                             "data.real (and data.real_kind), or objective.gan_generator_weight=0 "
+                             "objective.gan_discriminator_weight=0 with data.prompts=FILE")
+        dataset = open_image_source(d.real_kind, real_path, m.resolution)
+    if d.prompts == "real":
+        prompts = dataset.captions()
+    elif prompts_path:
+        prompts = read_prompts(prompts_path, key=d.prompt_key or None)
+    else:
+        raise ValueError("data.prompts is empty; expected a .txt / .jsonl / .parquet file of prompts, or 'real' (the "
+                         "captions of data.real)")
     # under FSDP2 only rank 0 reads the UNet's weights; the others build it on the meta device and receive their
     # shards from rank 0 when the trainer wraps the networks (host memory per rank: the shards, not three UNets)
     receives = info is not None and not info.loads_weights
@@ -275,7 +291,8 @@ def build(cfg: SDXLConfig, info=None) -> Components:
                           m.lora_targets, frozen).to(device)
     if init is not None and not receives:  # the other ranks receive the warm start from rank 0 too
         load_generator_init(nets.generator, init)
-    for module, dtype in ((parts.text_encoder, frozen), (parts.text_encoder_2, frozen), (parts.vae, DTYPES[m.vae_dtype])):
+    text = DTYPES[m.text_encoder_dtype]
+    for module, dtype in ((parts.text_encoder, text), (parts.text_encoder_2, text), (parts.vae, DTYPES[m.vae_dtype])):
         module.to(device) if next(module.parameters()).dtype == dtype else module.to(device, dtype)
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2)
     res = m.resolution
@@ -295,27 +312,25 @@ def build(cfg: SDXLConfig, info=None) -> Components:
         noise = torch.randn((batch, *shape), generator=g, device=dev)
         return noise, cond_of(prompts[i] for i in idx)
 
-    has_gan = cfg.objective.gan_generator_weight > 0 or cfg.objective.gan_discriminator_weight > 0
-    head, real_data = None, None
-    if has_gan:
-        if not real_path:
-            raise ValueError("the GAN terms need real images: set data.real (and data.real_kind), or set "
-                             "objective.gan_generator_weight=0 objective.gan_discriminator_weight=0")
-        dataset = open_image_source(d.real_kind, real_path, res)
-
-        def collate(items):
-            x = torch.stack([a for a, _ in items])
-            if d.real_kind != "latents":
-                x = vae_encode(parts.vae, x.to(device))
-            if tuple(x.shape[1:]) != shape:
-                raise ValueError(f"real latents have shape {tuple(x.shape[1:])}; the run expects {shape} "
+    head = gan_head(cfg, [parts.unet.config.block_out_channels[-1]])  # the mid block's channels
+    real_data = None
+    if head is not None:
+        def collate(items):  # -> posterior moments (B, 2, C, h, w), conditions of the captions
+            x = torch.stack([a for a, _ in items]).to(device)
+            moments = x if d.real_kind == "latents" else vae_moments(parts.vae, x)
+            if tuple(moments.shape[2:]) != shape:
+                raise ValueError(f"real latents have shape {tuple(moments.shape[2:])}; the run expects {shape} "
                                  f"(model.resolution={res})")
-            return x.to(device), cond_of(c for _, c in items)
+            return moments, cond_of(c for _, c in items)
 
         world = info.world_size if info is not None else 1
-        real_data = IndexedBatches(dataset, shards=world * t.grad_accum, batch=t.batch_size, seed=d.seed, collate=collate)
-        mid = parts.unet.config.block_out_channels[-1]
-        head = GANHead([mid], hidden=m.gan_hidden, depth=m.gan_depth)
+        moments_of = IndexedBatches(dataset, shards=world * t.grad_accum, batch=t.batch_size, seed=d.seed, collate=collate)
+
+        def real_data(step, shard, batch, dev):
+            """A fresh VAE-posterior sample of the batch's latents, keyed by (data.seed, step, shard)."""
+            moments, cond = moments_of(step, shard, batch, dev)
+            g = torch.Generator(device=moments.device).manual_seed(derive_seed(d.seed, step, shard))
+            return sample_posterior(moments, g), cond
 
     sample_prompts = prompts[:4]
 
@@ -334,30 +349,97 @@ def build(cfg: SDXLConfig, info=None) -> Components:
                       fsdp_units=_unet_blocks if m.memory_mode == "full" else None)
 
 
+# ------------------------------------------------------------------------------------------------ trained students
+def student_unet(cfg: SDXLConfig, state_dict: dict[str, torch.Tensor], fuse: bool = True):
+    """``(unet, parts)``: the base UNet of the run ``cfg`` with the generator's plain ``state_dict`` applied.
+
+    ``full``: the UNet's weights are replaced. LoRA modes: a ``generator`` adapter (the run's rank, alpha and targets)
+    is added and loaded; ``fuse`` merges it into the base weights and removes the adapter layers.
+    """
+    from ..models.sdxl import AdapterSwitch, adapter_weights_from_checkpoint, add_lora
+
+    m = cfg.model
+    parts = load_sdxl(base_path(cfg), torch.float32, m.local_files_only)
+    unet = parts.unet
+    if m.memory_mode == "full":
+        prefix = "unet_module."
+        state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        missing, unexpected = unet.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"generator weights do not match the base UNet (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    else:
+        names = add_lora(unet, "generator", m.lora_rank, m.lora_alpha, m.lora_targets)
+        lora = adapter_weights_from_checkpoint(state_dict)
+        if set(lora) != set(names):
+            raise ValueError(f"LoRA weights do not match the run's adapter (differing: {sorted(set(lora) ^ set(names))[:3]})")
+        params = dict(unet.named_parameters())
+        with torch.no_grad():
+            for n, v in lora.items():
+                params[n].copy_(v)
+        AdapterSwitch(unet).set("generator")
+        if fuse:
+            unet.fuse_lora(adapter_names=["generator"])
+            unet.unload_lora()
+    unet.requires_grad_(False)
+    return unet, parts
+
+
+def load_student_unet(path, weights: str = "ema", fuse: bool = True):
+    """``(unet, cfg, parts, which)`` of a run or checkpoint folder (:func:`student_unet`; ``which``: the weights read,
+    see :func:`dmd2.train.generator_state_dict`)."""
+    from ..train import generator_state_dict, load_config, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    _, cfg = load_config(ckpt, RECIPE)
+    sd, which = generator_state_dict(ckpt, weights)
+    unet, parts = student_unet(cfg, sd, fuse=fuse)
+    return unet, cfg, parts, which
+
+
+def _latent_shape(cfg: SDXLConfig, parts) -> tuple[int, int, int]:
+    res, scale = cfg.model.resolution, 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    return (parts.unet.config.in_channels, res // scale, res // scale)
+
+
+def student(cfg: SDXLConfig, state_dict: dict[str, torch.Tensor]) -> Student:
+    """The trained student (:attr:`Recipe.generator <dmd2.train.Recipe>`): the fused student UNet as a denoiser on
+    the run's grid, ``G(noise (B, 4, R/8, R/8), cond) -> latents``; ``cond``: :meth:`PromptEncoder.cond
+    <dmd2.models.sdxl.PromptEncoder.cond>` of the prompts (decode with the VAE, or export a pipeline)."""
+    from ..models.sdxl import SDXLDenoiser
+
+    unet, parts = student_unet(cfg, state_dict, fuse=True)
+    G = SDXLDenoiser(unet, parts.schedule, parts.prediction_type, gan_layer=None)
+    return Student(G, BackwardSimulationSampler(parts.schedule, cfg.sampler.grid(grid)), _latent_shape(cfg, parts))
+
+
 # ------------------------------------------------------------------------------------------------ commands
 def export_command(cfg: SDXLConfig, args: list[str]) -> int:
-    """``export CKPT OUT``: a diffusers StableDiffusionXLPipeline folder (see :mod:`dmd2.recipes.sdxl_export`)."""
+    """``export RUN_OR_CKPT OUT``: a diffusers StableDiffusionXLPipeline folder (:mod:`dmd2.recipes.sdxl_export`)."""
     from .sdxl_export import export_pipeline
 
     if len(args) != 2:
-        raise ValueError("usage: python -m dmd2.recipes.sdxl export CKPT OUT (CKPT: a checkpoint or run folder)")
-    out = export_pipeline(args[0], args[1], weights=cfg.export.weights, lora_format=cfg.export.lora_format,
-                          dtype=cfg.export.dtype)
+        raise ValueError("usage: python -m dmd2.recipes.sdxl export RUN_OR_CKPT OUT (a run or checkpoint folder)")
+    from ..train import resolve_checkpoint
+
+    e = cfg.export
+    ckpt = resolve_checkpoint(args[0])
+    unet, run_cfg, parts, which = load_student_unet(ckpt, e.weights, fuse=e.lora_format == "fused")
+    out = export_pipeline(unet, parts, run_cfg, run_cfg.sampler.grid(grid), ckpt, args[1], weights=which,
+                          lora_format=e.lora_format, dtype=e.dtype,
+                          base_model=str(run_cfg.model.path or base_path(run_cfg)))
     print(out)
     return 0
 
 
 def sample_command(cfg: SDXLConfig, args: list[str]) -> int:
-    """``sample CKPT OUT.png [PROMPT ...]``: a grid from a checkpoint's generator (EMA when present) through our
-    sampler on the run's grid; prompts default to four of the run's prompt file. Seed: ``train.seed``."""
-    from ..core import BackwardSimulationSampler
-    from ..models.sdxl import PromptEncoder, SDXLDenoiser
+    """``sample RUN_OR_CKPT OUT.png [PROMPT ...]``: a grid from a checkpoint's generator (EMA when present) through
+    our sampler on the run's grid; prompts default to four of the run's prompt file. Seed: ``train.seed``."""
+    from ..models.sdxl import SDXLDenoiser
     from ..train.monitor import save_png
-    from .sdxl_export import load_student_unet
 
     if len(args) < 2:
-        raise ValueError("usage: python -m dmd2.recipes.sdxl sample CKPT OUT.png [PROMPT ...]")
-    unet, run_cfg, parts = load_student_unet(args[0], cfg.export.weights, fuse=True)
+        raise ValueError("usage: python -m dmd2.recipes.sdxl sample RUN_OR_CKPT OUT.png [PROMPT ...]")
+    unet, run_cfg, parts, _ = load_student_unet(args[0], cfg.export.weights, fuse=True)
     prompts = args[2:]
     if not prompts:
         from ..data.prompts import read_prompts
@@ -371,9 +453,8 @@ def sample_command(cfg: SDXLConfig, args: list[str]) -> int:
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2)
     G = SDXLDenoiser(unet, parts.schedule, parts.prediction_type, gan_layer=None)
     sampler = BackwardSimulationSampler(parts.schedule, run_cfg.sampler.grid(grid))
-    scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     g = torch.Generator(device=dev).manual_seed(cfg.train.seed)
-    noise = torch.randn((len(prompts), unet.config.in_channels, res // scale, res // scale), generator=g, device=dev)
+    noise = torch.randn((len(prompts), *_latent_shape(run_cfg, parts)), generator=g, device=dev)
     with torch.no_grad():
         x0 = sampler.sample(G, noise, encoder.cond(prompts, res, res), generator=g)
         img = parts.vae.decode(x0 / parts.vae.config.scaling_factor, return_dict=False)[0]
@@ -385,7 +466,8 @@ def memory_command(cfg: SDXLConfig, args: list[str]) -> int:
     """``memory [--json]``: the memory plan per mode from a meta-device SDXL UNet (:mod:`dmd2.recipes.sdxl_memory`)."""
     from .sdxl_memory import memory_table, memory_plan
 
-    plan = memory_plan(batch=cfg.train.batch_size, resolution=cfg.model.resolution, lora_rank=cfg.model.lora_rank)
+    plan = memory_plan(cfg.gan, batch=cfg.train.batch_size, resolution=cfg.model.resolution,
+                       lora_rank=cfg.model.lora_rank, text_encoder_bytes=DTYPES[cfg.model.text_encoder_dtype].itemsize)
     print(json.dumps(plan, indent=2) if "--json" in args or "json" in args else memory_table(plan))
     return 0
 
@@ -421,34 +503,47 @@ def eval_command(cfg: SDXLConfig, args: list[str]) -> int:
     return 0
 
 
+#: the official 4-step run (experiments/sdxl/sdxl_cond999_8node_lr5e-7_denoising4step_..._backsim_scratch.sh on 64
+#: GPUs), key by key in docs/presets.md; warm-up: the official 500 scheduler steps advance 64 per iteration -> 8
 _PAPER = {
-    "train.lr_generator": 5e-7, "train.lr_critic": 5e-7, "train.batch_size": 2, "train.mixed_precision": "bf16",
-    "train.grad_checkpointing": True, "train.grad_clip": 10.0, "train.ema_decay": None, "train.checkpoint_every": 500,
-    "train.log_every": 10, "critic.ratio": 5, "sampler.steps": 4, "model.guidance_scale": 8.0,
-    "model.resolution": 1024, "objective.gan_generator_weight": 5e-3, "objective.gan_discriminator_weight": 1e-2,
+    "train.max_steps": 19_000, "train.lr_generator": 5e-7, "train.lr_critic": 5e-7, "train.batch_size": 2,
+    "train.warmup_steps": 8, "train.seed": 10, "train.mixed_precision": "bf16", "train.grad_checkpointing": True,
+    "train.grad_clip": 10.0, "train.ema_decay": None, "train.checkpoint_every": 1000, "train.log_every": 10,
+    "critic.ratio": 5, "sampler.steps": 4, "model.guidance_scale": 8.0, "model.resolution": 1024,
+    "model.lora_rank": 64, "model.lora_alpha": 8.0,
+    "objective.gan_generator_weight": 5e-3, "objective.gan_discriminator_weight": 1e-2,
+    "objective.min_frac": 0.02, "objective.max_frac": 0.98, "objective.gan_min_frac": 0.0, "objective.gan_max_frac": 1.0,
+    "gan.hidden": 1280, "gan.depth": 3, "gan.final_conv": True, "data.prompts": "real",
 }
 
 PRESETS = {
-    # the paper's full fine-tune (64 GPUs in the paper): three UNets, sharded with FSDP2 under torchrun
+    # the paper's full fine-tune (64 GPUs): three UNets, sharded with FSDP2 under torchrun; released checkpoint 19k
     "paper": {**_PAPER, "model.memory_mode": "full", "train.distributed": "fsdp2"},
-    # the paper's LoRA variant: generator = LoRA rank 64 at lr 5e-5, full fake score
-    "paper-lora": {**_PAPER, "model.memory_mode": "lora", "train.lr_generator": 5e-5},
+    # the paper's LoRA variant (the same script + --generator_lora): generator = LoRA rank 64 / alpha 8, full fake
+    # score, both at lr 5e-5; released checkpoint 16k; DDP (LoRA shares the frozen base, which FSDP2 would break)
+    "paper-lora": {**_PAPER, "model.memory_mode": "lora", "train.distributed": "ddp", "train.lr_generator": 5e-5,
+                   "train.lr_critic": 5e-5, "train.max_steps": 16_000},
+    # the paper's 1-step run (sdxl_cond399_..._1step_...sh): timestep 399 on pure noise, prompts from a prompt file
+    # (data.prompts=FILE, the official --train_prompt_path), released checkpoint 24k; the official run starts from
+    # a regression warm start (docs/sdxl.md)
+    "paper-1step": {**_PAPER, "model.memory_mode": "full", "train.distributed": "fsdp2", "sampler.steps": 1,
+                    "train.max_steps": 24_000, "data.prompts": ""},
     # one SDXL copy: generator and fake score are LoRA adapters on the frozen teacher
     "single-gpu": {**_PAPER, "model.memory_mode": "shared-base", "train.lr_generator": 5e-5, "train.lr_critic": 5e-5},
     # CPU, no download: tiny SDXL-shaped components written to OUT/tiny-base, tiny data to OUT/tiny-data
     "tiny": {
         "model.tiny": True, "model.path": "", "model.resolution": 32, "model.frozen_dtype": "fp32",
-        "model.lora_rank": 4, "model.lora_alpha": 4.0, "model.gan_hidden": 16, "model.gan_depth": 1,
+        "model.lora_rank": 4, "model.lora_alpha": 4.0, "gan.hidden": 16, "gan.depth": 1, "gan.final_conv": False,
         "model.guidance_scale": 8.0, "train.max_steps": 4, "train.batch_size": 2, "train.lr_generator": 1e-3,
         "train.lr_critic": 1e-3, "train.checkpoint_every": 4, "train.log_every": 2, "train.ema_decay": 0.9,
-        "train.sample_every": 4,
+        "train.sample_every": 4, "train.warmup_steps": 0, "train.seed": 0, "data.prompts": "",
         "train.device": "cpu", "train.grad_checkpointing": True, "critic.ratio": 2,
         "sampler.steps": 2, "objective.gan_generator_weight": 5e-3, "objective.gan_discriminator_weight": 1e-2,
     },
 }
 
 # the 1-step warm start's commands (ode-pairs, ode-pretrain): the official regression, and a CPU run of it
-PRESETS["ode-paper"] = ODE_PRESETS["paper"]
+PRESETS["ode-paper"] = {**ODE_PRESETS["paper"], "data.prompts": ""}  # a prompt file (not the 4-step runs' real captions)
 PRESETS["ode-tiny"] = {**PRESETS["tiny"], **ODE_PRESETS["tiny"]}
 
 #: defaults = the paper's hyperparameters (single process; ``--preset paper`` adds FSDP2 for torchrun)
@@ -466,7 +561,7 @@ def next_steps(cfg: SDXLConfig, ckpt: Path) -> list[str]:
 RECIPE = Recipe(name="sdxl", config=DEFAULT_CONFIG, build=build, presets=PRESETS, next_steps=next_steps,
                 commands={"export": export_command, "sample": sample_command, "memory": memory_command, "cache-latents": cache_latents_command,
                           "eval": eval_command, "ode-pairs": ode_pairs_command, "ode-pretrain": ode_pretrain_command},
-                flags={"--num": "ode.num"})
+                flags={"--num": "ode.num"}, generator=student)
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process

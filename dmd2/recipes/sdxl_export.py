@@ -1,7 +1,8 @@
 r"""Export an SDXL DMD2 student to a diffusers ``StableDiffusionXLPipeline`` folder.
 
 ``python -m dmd2.recipes.sdxl export CKPT OUT [export.weights=ema|generator] [export.lora_format=fused|lora]``
-(``CKPT``: a checkpoint folder, or a run folder - then its newest complete checkpoint).
+(``CKPT``: a checkpoint folder, or a run folder - then its newest complete checkpoint; the recipe's
+``export_command`` reads it through :mod:`dmd2.train.loading` and hands :func:`export_pipeline` the loaded UNet).
 
 The scheduler. Our sampler (:class:`~dmd2.core.BackwardSimulationSampler`) runs, on the grid
 :math:`t_1 > \dots > t_N`, :math:`\hat x_0 = G(x_{t_k}, t_k)` and :math:`x_{t_{k+1}} = \alpha(t_{k+1})\hat x_0 +
@@ -41,8 +42,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["export_pipeline", "resolve_checkpoint", "student_scheduler", "load_student_unet", "model_card",
-           "TIMESTEP_SCALING"]
+__all__ = ["export_pipeline", "student_scheduler", "model_card", "TIMESTEP_SCALING"]
 
 TIMESTEP_SCALING = 1e6
 
@@ -52,21 +52,6 @@ BASE_LICENSES = {
         "openrail++", "CreativeML Open RAIL++-M",
         "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/LICENSE.md"),
 }
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or the newest complete checkpoint of a run folder; ``ValueError`` if there is none."""
-    from ..train.checkpoint import is_complete, latest_checkpoint
-
-    p = Path(path)
-    if is_complete(p):
-        return p
-    if (p / "checkpoints").is_dir():
-        last = latest_checkpoint(p)
-        if last is not None:
-            return last
-    raise ValueError(f"{str(p)!r} is neither a complete checkpoint folder (state.pt + generator.safetensors or sharded/) nor a run "
-                     "folder with OUT/checkpoints/checkpoint-XXXXXXXX/")
 
 
 def student_scheduler(schedule, timesteps: list[int], prediction_type: str = "epsilon"):
@@ -89,68 +74,21 @@ def student_scheduler(schedule, timesteps: list[int], prediction_type: str = "ep
                         clip_sample=False, thresholding=False, steps_offset=0, timestep_spacing="leading")
 
 
-def _generator_weights(weights: dict, which: str) -> dict[str, torch.Tensor]:
-    if which == "ema" and "ema" in weights:
-        return {k: v for k, v in weights["ema"].items() if not k.startswith("buffer::")}
-    return weights["generator"]
+def export_pipeline(unet, parts, cfg, timesteps: list[int], checkpoint: Path, out: str | Path, weights: str = "ema",
+                    lora_format: str = "fused", dtype: str = "fp32", base_model: str = "") -> Path:
+    """Write ``out`` as a ``StableDiffusionXLPipeline`` folder (module docstring) and return it.
 
-
-def load_student_unet(ckpt: str | Path, weights: str = "ema", fuse: bool = True):
-    """``(unet, cfg, parts)``: the base UNet of the run's config with the checkpoint's generator weights applied.
-
-    ``full``: the UNet's weights are replaced. LoRA modes: a ``generator`` adapter (the run's rank, alpha and
-    targets) is added and loaded; ``fuse`` merges it into the base weights and removes the adapter layers.
+    ``unet``: the student's UNet (``lora_format="fused"``: LoRA merged; ``"lora"`` in a LoRA memory mode: with its
+    ``generator`` adapter); ``parts``: the run's :class:`~dmd2.models.sdxl.SDXLParts`; ``cfg``: the run's config;
+    ``timesteps``: its grid; ``checkpoint``: the folder ``unet`` came from and ``weights`` which of its weights it
+    holds; ``dtype``: a key of :data:`~dmd2.models.sdxl.DTYPES`; ``base_model``: the teacher, for the model card.
     """
-    from ..models.sdxl import adapter_weights_from_checkpoint, add_lora, load_sdxl
-    from ..train.checkpoint import read_checkpoint
-    from ..train.config import config_from_dict
-    from .sdxl import SDXLConfig, base_path
-
-    ckpt = resolve_checkpoint(ckpt)
-    sd, _, config = read_checkpoint(ckpt, optimizers=False)
-    if not config:
-        raise ValueError(f"{ckpt}: no config.json; cannot tell which base model and memory mode the run used")
-    cfg = config_from_dict(SDXLConfig(), config)
-    m = cfg.model
-    parts = load_sdxl(base_path(cfg), torch.float32, m.local_files_only)
-    unet = parts.unet
-    gen = _generator_weights(sd, weights)
-    if m.memory_mode == "full":
-        prefix = "unet_module."
-        state = {k[len(prefix):]: v for k, v in gen.items() if k.startswith(prefix)}
-        missing, unexpected = unet.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{ckpt}: generator weights do not match the base UNet (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    else:
-        names = add_lora(unet, "generator", m.lora_rank, m.lora_alpha, m.lora_targets)
-        lora = adapter_weights_from_checkpoint(gen)
-        if set(lora) != set(names):
-            raise ValueError(f"{ckpt}: LoRA weights do not match the run's adapter (differing: {sorted(set(lora) ^ set(names))[:3]})")
-        params = dict(unet.named_parameters())
-        with torch.no_grad():
-            for n, v in lora.items():
-                params[n].copy_(v)
-        from ..models.sdxl import AdapterSwitch
-
-        AdapterSwitch(unet).set("generator")
-        if fuse:
-            unet.fuse_lora(adapter_names=["generator"])
-            unet.unload_lora()
-    unet.requires_grad_(False)
-    return unet, cfg, parts
-
-
-def export_pipeline(ckpt: str | Path, out: str | Path, weights: str = "ema", lora_format: str = "fused",
-                    dtype: str = "fp32") -> Path:
-    """Write ``out`` as a ``StableDiffusionXLPipeline`` folder (module docstring) and return it."""
     from diffusers import StableDiffusionXLPipeline
 
-    from .sdxl import DTYPES, base_path, grid
+    from ..models.sdxl import DTYPES
 
     fuse = lora_format == "fused"
-    ckpt = resolve_checkpoint(ckpt)
-    unet, cfg, parts = load_student_unet(ckpt, weights, fuse=fuse)
-    timesteps = cfg.sampler.grid(grid)
+    ckpt = Path(checkpoint)
     scheduler = student_scheduler(parts.schedule, timesteps, parts.prediction_type)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +110,9 @@ def export_pipeline(ckpt: str | Path, out: str | Path, weights: str = "ema", lor
     if lora_state is not None:
         meta = {"r": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha, "target_modules": list(cfg.model.lora_targets)}
         StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=lora_state, unet_lora_adapter_metadata=meta)
-    by_count = len(timesteps) == 1 or timesteps == grid(len(timesteps))  # what the scheduler's N-step rule gives
+    probe = student_scheduler(parts.schedule, timesteps, parts.prediction_type)
+    probe.set_timesteps(len(timesteps))
+    by_count = probe.timesteps.tolist() == list(timesteps)  # num_inference_steps=N runs this grid
     info = {"timesteps": timesteps, "num_inference_steps": len(timesteps), "guidance_scale": 0.0,
             "resolution": cfg.model.resolution, "memory_mode": cfg.model.memory_mode, "weights": weights,
             "lora_format": lora_format if cfg.model.memory_mode != "full" else "full",
@@ -180,7 +120,7 @@ def export_pipeline(ckpt: str | Path, out: str | Path, weights: str = "ema", lor
             "call": (f"pipe(prompt, num_inference_steps={len(timesteps)}" if by_count else f"pipe(prompt, timesteps={timesteps}")
                     + f", guidance_scale=0.0, height={cfg.model.resolution}, width={cfg.model.resolution})",
             "source": {"checkpoint": str(ckpt.resolve()), "iteration": int(ckpt.name.split("-")[-1]),
-                       "base_model": str(cfg.model.path or base_path(cfg)), "origin": cfg.train.origin}}
+                       "base_model": base_model or str(cfg.model.path), "origin": cfg.train.origin}}
     (out / "dmd2.json").write_text(json.dumps(info, indent=2))
     (out / "README.md").write_text(model_card(cfg, info, dtype))
     return out

@@ -4,7 +4,8 @@ r"""Memory plan of SDXL DMD2 training per memory mode, from a meta-device build 
 ``model.lora_rank`` apply). Counted per GPU, without FSDP sharding:
 
 * **weights**: frozen networks in bf16 (2 B/param: teacher, LoRA bases), trained ones fp32 (4 B/param: master
-  weights under bf16 autocast); the text encoders (bf16) and VAE (fp32) are listed apart.
+  weights under bf16 autocast); the text encoders (``text_encoder_bytes`` per parameter: 4 = fp32, the paper
+  preset) and VAE (fp32) are listed apart.
 * **grads**: fp32, 4 B per trained parameter, for ONE network at a time (the trainer frees gradients after each
   optimizer step and freezes the other network during a phase): the larger of generator and critic.
 * **Adam**: AdamW's two fp32 moments, 8 B per trained parameter, generator + critic (fake score and GAN head).
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from ..models.sdxl import DEFAULT_LORA_TARGETS, unet_config_path
+from ..train.config import GANConfig
 
 __all__ = ["sdxl_unet_meta", "lora_param_count", "activation_bytes", "memory_plan", "memory_table",
            "TEXT_ENCODER_CONFIGS", "VAE_CONFIG"]
@@ -194,21 +196,23 @@ def host_memory(unet_params: int, gen: int, critic: int, loaded_copies: int, tex
     }
 
 
-def memory_plan(batch: int = 2, resolution: int = 1024, lora_rank: int = 64,
-                targets: Sequence[str] = DEFAULT_LORA_TARGETS, gan_hidden: int = 256, gan_depth: int = 2,
-                forwards_alive: int = 3, world: int = 64, ranks_per_node: int = 8) -> dict:
-    """Bytes per GPU for each memory mode (module docstring); ``forwards_alive`` UNet forwards' activations at once;
-    host bytes per rank with ``full`` sharded over ``world`` ranks, ``ranks_per_node`` to a host."""
+def memory_plan(gan: GANConfig, batch: int = 2, resolution: int = 1024, lora_rank: int = 64,
+                targets: Sequence[str] = DEFAULT_LORA_TARGETS, forwards_alive: int = 3, text_encoder_bytes: int = 4,
+                world: int = 64, ranks_per_node: int = 8) -> dict:
+    """Bytes per GPU for each memory mode (module docstring) with the GAN head ``gan`` (a run's ``cfg.gan``);
+    ``forwards_alive`` UNet forwards' activations at once; host bytes per rank with ``full`` sharded over ``world``
+    ranks, ``ranks_per_node`` to a host."""
     from ..core import GANHead
 
     unet = sdxl_unet_meta(torch.bfloat16)
     n = _count(unet)
     lora = lora_param_count(unet, lora_rank, targets)
     with torch.device("meta"):
-        head = _count(GANHead([unet.config.block_out_channels[-1]], hidden=gan_hidden, depth=gan_depth))
+        head = _count(GANHead([unet.config.block_out_channels[-1]], hidden=gan.hidden, depth=gan.depth,
+                              final_conv=gan.final_conv))
     act = activation_bytes(unet, batch, resolution)
     extras = _frozen_extras()
-    other = 2 * extras["text_encoders"] + 4 * extras["vae"]
+    other = text_encoder_bytes * extras["text_encoders"] + 4 * extras["vae"]
     modes = {
         # (frozen params, generator trained, critic trained, fp32 UNet copies at the build's peak, ranks sharding)
         "full": (n, n, n + head, 3, world),

@@ -6,7 +6,7 @@ teacher's deterministic sampler outputs. Two commands reproduce it, then trainin
 
     python -m dmd2.recipes.sdxl ode-pairs PAIRS --num 10000 --preset ode-paper data.prompts=prompts.parquet
     python -m dmd2.recipes.sdxl ode-pretrain PAIRS --preset ode-paper --out runs/ode
-    python -m dmd2.recipes.sdxl --preset paper --steps 1 model.generator_init=runs/ode ...
+    python -m dmd2.recipes.sdxl --preset paper-1step model.generator_init=runs/ode data.prompts=FILE ...
 
 ``ode-pairs`` - for pair ``i``: unit noise :math:`z_i` and a prompt :math:`c_i` (both keyed by ``(train.seed, i)``,
 so the pairs do not depend on the number of ranks or the batch), and the teacher's ODE solution
@@ -335,7 +335,7 @@ def build_lpips(net: str = "vgg", pretrained: bool = True, backbone: str = "") -
 def generator_init_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder ``model.generator_init`` names: an ``ode-pretrain`` run folder (its newest checkpoint) or a
     checkpoint folder; ``ValueError`` naming the path otherwise (checked before any model is loaded)."""
-    from .sdxl_export import resolve_checkpoint
+    from ..train import resolve_checkpoint
 
     p = Path(path)
     if not p.exists():

@@ -2,7 +2,8 @@ r"""A tiny, download-free DMD2 recipe: distil an *analytic* teacher on a Gaussia
 
 Data: ``K`` class means :math:`\mu_k \in \mathbb R^{C\times H\times W}` (fixed by ``data.seed``) and
 :math:`x_0 = \mu_c + s\,\epsilon`, class ``c`` uniform. On a VP schedule (:math:`x_t = \alpha x_0 + \sigma\epsilon`) the
-exact denoiser is known in closed form, so the teacher needs no training:
+exact denoiser is known in closed form, so the teacher needs no training
+(:class:`~dmd2.models.mixture.GaussianMixtureDenoiser`):
 
 .. math::
     E[x_0 \mid x_t, c] = \mu_c + \frac{\alpha s^2}{\alpha^2 s^2 + \sigma^2}(x_t - \alpha\mu_c),
@@ -11,7 +12,8 @@ and without a class the mixture posterior weights :math:`p(k\mid x_t) \propto \e
 2(\alpha^2 s^2 + \sigma^2))`. Generator and fake score are the same small conv denoiser (identical initialisation,
 as DMD2 initialises both from the teacher); the GAN head reads the ``mid`` block.
 
-Run ``python -m dmd2.recipes.tiny --preset tiny`` (a few CPU iterations), ``... sample CKPT [PNG]``.
+Run ``python -m dmd2.recipes.tiny --preset tiny`` (a few CPU iterations), ``... sample RUN_OR_CKPT [PNG]``;
+``dmd2.train.load_generator(RUN)`` gives the trained student.
 """
 from __future__ import annotations
 
@@ -22,26 +24,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import BackwardSimulationSampler, GANHead, VPSchedule
-from ..train import Components, Recipe, RecipeConfig, main
+from ..core import BackwardSimulationSampler, VPSchedule
+from ..models.mixture import GaussianMixtureDenoiser
+from ..train import Components, Recipe, RecipeConfig, Student, main
+from ..train.config import GANConfig, gan_head
 from ..train.trainer import derive_seed
 
-__all__ = ["TinyConfig", "TinyModelConfig", "TinyDataConfig", "TinyDenoiser", "MixtureTeacher", "build", "RECIPE", "PRESETS"]
+__all__ = ["TinyConfig", "TinyModelConfig", "TinyDataConfig", "TinyDenoiser", "mixture_means", "build", "student",
+           "RECIPE", "PRESETS"]
 
 
 @dataclass(frozen=True)
 class TinyModelConfig:
-    """The student / fake-score network.
+    """The student / fake-score network (the GAN head, section ``gan``, reads its ``mid`` block).
 
     Attributes:
         hidden: channels of the network.
-        gan: add a GAN head.
-        gan_hidden: width of the GAN head.
     """
 
     hidden: int = 16
-    gan: bool = True
-    gan_hidden: int = 16
 
 
 @dataclass(frozen=True)
@@ -78,29 +79,6 @@ def mixture_means(d: TinyDataConfig) -> torch.Tensor:
     return 0.8 * torch.tanh(up)
 
 
-class MixtureTeacher(nn.Module):
-    """The exact denoiser of the mixture (module docstring); ``cond``: class labels ``(B,)`` or None."""
-
-    def __init__(self, means: torch.Tensor, std: float, schedule: VPSchedule):
-        super().__init__()
-        self.register_buffer("means", means.float())
-        self.var = float(std) ** 2
-        self.schedule = schedule
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        a = self.schedule.alpha(t).view(-1, 1, 1, 1)
-        s2 = self.schedule.sigma(t).view(-1, 1, 1, 1) ** 2
-        x = x_t.float()
-        gain = a * self.var / (a * a * self.var + s2)
-        if cond is not None:
-            mu = self.means[cond.long()]
-        else:
-            d2 = (x[:, None] - a[:, None] * self.means[None]).pow(2).flatten(2).sum(-1)  # (B, K)
-            w = torch.softmax(-d2 / (2 * (a * a * self.var + s2)).view(-1, 1), dim=1)
-            mu = torch.einsum("bk,kchw->bchw", w, self.means)
-        return (mu + gain * (x - a * mu)).to(x_t.dtype)
-
-
 class TinyDenoiser(nn.Module):
     r"""``D(x_t, t, c) = \alpha(t) x_t + F(x_t, \alpha, \sigma, c)``: a 3-conv net predicting the x0 residual."""
 
@@ -128,18 +106,32 @@ def grid(steps: int) -> list[int]:
     return [int(999 - i * 1000 / steps) for i in range(steps)]
 
 
+def _generator(cfg: TinyConfig) -> tuple[TinyDenoiser, BackwardSimulationSampler]:
+    """The student network (random initialisation) and its sampler on ``cfg.sampler``'s grid."""
+    d = cfg.data
+    schedule = VPSchedule.linear()
+    sampler = BackwardSimulationSampler(schedule, cfg.sampler.grid(grid))
+    return TinyDenoiser(schedule, d.channels, cfg.model.hidden, d.classes if d.conditional else 0), sampler
+
+
+def _sample_grid(sample, d: TinyDataConfig, device) -> torch.Tensor:
+    """``4 K`` samples (classes ``0..K-1`` in turn when conditional) from ``sample(noise, cond, generator)``, seed 0."""
+    g = torch.Generator(device=device).manual_seed(0)
+    n = 4 * d.classes
+    noise = torch.randn((n, d.channels, d.resolution, d.resolution), generator=g, device=device)
+    cond = torch.arange(n, device=device) % d.classes if d.conditional else None
+    return sample(noise, cond, g)
+
+
 def build(cfg: TinyConfig, info=None) -> Components:
     """The tiny recipe's components (everything on CPU; the trainer moves them)."""
     d, m = cfg.data, cfg.model
-    schedule = VPSchedule.linear()
-    timesteps = cfg.sampler.grid(grid)
-    sampler = BackwardSimulationSampler(schedule, timesteps)
+    generator, sampler = _generator(cfg)
+    schedule = sampler.schedule
     means = mixture_means(d)
-    teacher = MixtureTeacher(means, d.std, schedule)
-    classes = d.classes if d.conditional else 0
-    generator = TinyDenoiser(schedule, d.channels, m.hidden, classes)
+    teacher = GaussianMixtureDenoiser(means, d.std, schedule)
     fake_score = copy.deepcopy(generator)
-    head = GANHead([m.hidden], hidden=m.gan_hidden, depth=1) if m.gan else None
+    head = gan_head(cfg, [m.hidden])
     shape = (d.channels, d.resolution, d.resolution)
 
     def latents(batch, g, device):
@@ -154,31 +146,35 @@ def build(cfg: TinyConfig, info=None) -> Components:
         return x.to(device), (c.to(device) if d.conditional else None)
 
     def sample_fn(gen, device):
-        g = torch.Generator(device=device).manual_seed(0)
-        n = 4 * d.classes
-        noise = torch.randn((n, *shape), generator=g, device=device)
-        cond = torch.arange(n, device=device) % d.classes if d.conditional else None
-        return sampler.sample(gen, noise, cond, generator=g)
+        return _sample_grid(lambda noise, cond, g: sampler.sample(gen, noise, cond, generator=g), d, device)
 
     return Components(generator=generator, fake_score=fake_score, teacher=teacher, schedule=schedule, sampler=sampler,
-                      latents=latents, real_data=real_data, gan_head=head, gan_layers=["mid"] if head else [],
+                      latents=latents, real_data=real_data if head is not None else None, gan_head=head,
+                      gan_layers=["mid"] if head is not None else [],
                       sample_fn=sample_fn, checkpoint_units=lambda mod: [mod.mid, mod.out])
 
 
+def student(cfg: TinyConfig, state_dict: dict[str, torch.Tensor]) -> Student:
+    """The trained student of a run with config ``cfg`` (:attr:`Recipe.generator <dmd2.train.Recipe>`)."""
+    net, sampler = _generator(cfg)
+    net.load_state_dict(state_dict, strict=True)
+    d = cfg.data
+    return Student(net, sampler, (d.channels, d.resolution, d.resolution), d.classes if d.conditional else 0)
+
+
 def sample_command(cfg: TinyConfig, args: list[str]) -> int:
-    """``sample CKPT [OUT.png]``: a grid from a checkpoint's EMA weights (generator weights if it has no EMA)."""
-    from ..train.checkpoint import read_checkpoint
+    """``sample RUN_OR_CKPT [OUT.png]``: a grid from a checkpoint's EMA weights (its generator weights when the run
+    kept no EMA); a run folder means its newest checkpoint. Default PNG: ``CKPT/samples.png``."""
+    from ..train import load_config, load_generator
     from ..train.monitor import save_png
 
     if not 1 <= len(args) <= 2:
-        raise ValueError("usage: sample CKPT [OUT.png]")
-    weights, _, _ = read_checkpoint(args[0])
-    c = build(cfg)
-    sd = {k: v for k, v in weights.get("ema", weights["generator"]).items() if not k.startswith("buffer::")}
-    c.generator.load_state_dict(sd, strict=False)
+        raise ValueError("usage: sample RUN_OR_CKPT [OUT.png]")
+    G = load_generator(args[0], recipe=RECIPE)
+    _, run_cfg = load_config(G.checkpoint, RECIPE)
     with torch.no_grad():
-        imgs = c.sample_fn(c.generator, torch.device("cpu"))
-    out = save_png(imgs, args[1] if len(args) > 1 else Path(args[0]) / "samples.png")
+        imgs = _sample_grid(G, run_cfg.data, torch.device("cpu"))
+    out = save_png(imgs, args[1] if len(args) > 1 else G.checkpoint / "samples.png")
     print(out)
     return 0
 
@@ -193,13 +189,12 @@ PRESETS = {
 }
 
 def next_steps(cfg: TinyConfig, ckpt: Path) -> list[str]:
-    """The summary's command: a sample grid from the checkpoint (the run's config)."""
-    out = Path(cfg.train.out)
-    return [f"python -m dmd2.recipes.tiny sample {ckpt} {out / 'sample.png'} --config {out / 'config.json'}"]
+    """The summary's command: a sample grid from the checkpoint (it reads the run's config from the checkpoint)."""
+    return [f"python -m dmd2.recipes.tiny sample {ckpt} {Path(cfg.train.out) / 'sample.png'}"]
 
 
-RECIPE = Recipe(name="tiny", config=TinyConfig(), build=build, presets=PRESETS, commands={"sample": sample_command},
-                next_steps=next_steps)
+RECIPE = Recipe(name="tiny", config=TinyConfig(gan=GANConfig(hidden=16, depth=1)), build=build, presets=PRESETS, commands={"sample": sample_command},
+                next_steps=next_steps, generator=student)
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process

@@ -8,8 +8,9 @@ The data is ``K`` isotropic Gaussians (std ``s``) on a ring of radius ``r``. Its
     D(x_t;\sigma) = \sum_k p(k \mid x_t)\,\Big(\mu_k + \tfrac{s^2}{s^2+\sigma^2}(x_t - \mu_k)\Big),\qquad
     p(k \mid x_t) \propto \pi_k\, \mathcal N(x_t; \mu_k, (s^2+\sigma^2) I),
 
-so the teacher is perfect and any error is the distillation's. The GAN term is OFF: the distribution-matching
-gradient alone must move the student onto the mixture.
+(:class:`~dmd2.models.mixture.GaussianMixtureDenoiser` with :math:`\alpha = 1`), so the teacher is perfect and any
+error is the distillation's. The GAN term is OFF: the distribution-matching gradient alone must move the student
+onto the mixture.
 
 The shared command line (:mod:`dmd2.train.cli`; the loop is this file's own, not the shared Trainer)::
 
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from ..core import DMD2, EMA, BackwardSimulationSampler, CriticScheduler, DMD2Config, EDMPrecond, EDMSchedule
+from ..models.mixture import GaussianMixtureDenoiser
 from ..train import Recipe, RecipeConfig, apply_overrides, config_to_dict, config_to_json, main as cli_main, valid_keys
 
 # ------------------------------------------------------------------------------------------------ the data
@@ -66,23 +68,9 @@ class Mixture:
     def data_std(self) -> float:
         return math.sqrt(self.radius**2 / 2 + self.std**2)
 
-
-class MixtureDenoiser(nn.Module):
-    """The exact x0-denoiser of a :class:`Mixture` (module docstring); ``(x_t (B, 2), sigma (B,), cond) -> x0``."""
-
-    def __init__(self, mixture: Mixture):
-        super().__init__()
-        self.register_buffer("mu", mixture.means(), persistent=False)
-        self.s2 = mixture.std**2
-
-    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor, cond=None, **_) -> torch.Tensor:
-        x = x_t.float()
-        var = self.s2 + sigma.float()[:, None] ** 2  # (B, 1)
-        d2 = ((x[:, None, :] - self.mu[None]) ** 2).sum(-1)  # (B, K)
-        post = torch.softmax(-0.5 * d2 / var, dim=1)  # equal weights; the normaliser is shared by all k
-        shrink = self.s2 / var  # (B, 1)
-        comp = self.mu[None] + shrink[:, :, None] * (x[:, None, :] - self.mu[None])  # (B, K, 2)
-        return (post[:, :, None] * comp).sum(1).to(x_t.dtype)
+    def denoiser(self, schedule: EDMSchedule) -> GaussianMixtureDenoiser:
+        """The exact x0-denoiser (module docstring), frozen: ``(x_t (B, 2), sigma (B,), cond=None) -> x0``."""
+        return GaussianMixtureDenoiser(self.means(), self.std, schedule).requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------------ the networks
@@ -206,8 +194,8 @@ def build(cfg: ToyConfig, mixture: Mixture):
     """Teacher, generator, fake score, schedule and sampler of one toy run."""
     torch.manual_seed(cfg.seed)
     schedule = EDMSchedule(sigma_data=mixture.data_std)
-    teacher = MixtureDenoiser(mixture).requires_grad_(False)
-    gen_base = MixtureDenoiser(mixture) if cfg.init == "teacher" else None
+    teacher = mixture.denoiser(schedule)
+    gen_base = mixture.denoiser(schedule) if cfg.init == "teacher" else None
     if cfg.init not in ("random", "teacher"):
         raise ValueError(f"init must be 'random' or 'teacher', got {cfg.init!r}")
     generator = Precond(MLP(cfg.hidden, cfg.gen_depth, zero_out=cfg.init == "teacher", input_features=cfg.gen_features,
@@ -215,7 +203,7 @@ def build(cfg: ToyConfig, mixture: Mixture):
     nsteps = cfg.steps if cfg.fake_step_conditioning else 0
     if cfg.fake_init not in ("random", "teacher"):
         raise ValueError(f"fake_init must be 'random' or 'teacher', got {cfg.fake_init!r}")
-    fake_base = MixtureDenoiser(mixture) if cfg.fake_init == "teacher" else None
+    fake_base = mixture.denoiser(schedule) if cfg.fake_init == "teacher" else None
     fake = Precond(MLP(cfg.hidden, num_steps=nsteps, zero_out=cfg.fake_init == "teacher"), mixture.data_std, base=fake_base)
     sampler = BackwardSimulationSampler(schedule, student_sigmas(schedule, cfg.steps))
     return teacher, generator, fake, schedule, sampler

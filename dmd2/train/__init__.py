@@ -14,7 +14,10 @@ A recipe is a preset table plus a builder::
                           real_data=lambda step, shard, batch, device: (images, cond),
                           gan_head=GANHead([...]), gan_layers=["mid_block"], sample_fn=...)
 
-    RECIPE = Recipe("mine", MyConfig(), build, presets={"tiny": {"train.max_steps": 4, ...}})
+    def student(cfg, state_dict) -> Student:  # for load_generator: the generator network, loaded, and its sampler
+        ...
+
+    RECIPE = Recipe("mine", MyConfig(), build, presets={"tiny": {"train.max_steps": 4, ...}}, generator=student)
     if __name__ == "__main__":
         sys.exit(main(RECIPE))
 
@@ -29,21 +32,25 @@ A recipe is a preset table plus a builder::
 * :mod:`dmd2.train.checkpoint` - the run-folder layout, write-then-rename, keep-last-K, ``--resume auto``.
 * :mod:`dmd2.train.sharded` - ``train.checkpoint_format=sharded``: every rank writes its shards
   (torch.distributed.checkpoint), resumable on any number of ranks, consolidated on one process for export.
+* :mod:`dmd2.train.loading` - :func:`load_generator` (any recipe's checkpoint or run folder -> a ready
+  :class:`Student`), :func:`resolve_checkpoint`.
 * :mod:`dmd2.train.monitor` - tqdm, ``log.jsonl``, PNG sample grids.
 * :mod:`dmd2.train.loggers` - ``train.loggers``: TensorBoard, wandb (the config as hyperparameters).
 * :mod:`dmd2.train.data` - :class:`IndexedBatches`, stateless per-(step, shard) real data from a dataset.
 
 See docs/training.md.
 """
-from .cli import Recipe, main, resolve_config
+from .cli import Recipe, TrainResult, main, resolve_config
 from .config import (CriticConfig, DMD2Config, RecipeConfig, SamplerConfig, TrainConfig, apply_overrides,
                      config_from_dict, config_to_dict, config_to_json, valid_keys)
 from .data import IndexedBatches
 from .distributed import DistInfo, init_distributed
+from .loading import Student, generator_state_dict, load_config, load_generator, resolve_checkpoint
 from .trainer import Components, NonFiniteError, Trainer, derive_seed
 
 __all__ = [
-    "Recipe", "main", "resolve_config",
+    "Recipe", "TrainResult", "main", "resolve_config",
+    "load_generator", "load_config", "resolve_checkpoint", "generator_state_dict", "Student",
     "TrainConfig", "CriticConfig", "SamplerConfig", "RecipeConfig", "DMD2Config",
     "apply_overrides", "valid_keys", "config_to_dict", "config_from_dict", "config_to_json",
     "IndexedBatches", "DistInfo", "init_distributed",

@@ -31,6 +31,17 @@ from .config import (RecipeConfig, _plain, _value_text, apply_overrides, config_
 
 __all__ = ["Recipe", "main", "resolve_config", "run_training", "run_summary", "help_text", "check_resume_config",
            "config_diff", "RESUME_FREE_KEYS"]
+__all__ = ["Recipe", "TrainResult", "main", "resolve_config", "run_training", "run_summary", "help_text"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What ``train`` did: ``checkpoint`` (the last one written, on rank 0), ``step`` (iterations done) and
+    ``completed`` (``train.max_steps`` reached; False when a signal stopped the run early)."""
+
+    checkpoint: Path | None
+    step: int
+    completed: bool
 
 
 @dataclass
@@ -49,6 +60,12 @@ class Recipe:
         flags: extra options that set one config key each, e.g. ``{"--num": "ode.num"}`` (applied like ``--steps``).
         next_steps: ``next_steps(cfg, checkpoint) -> [command line, ...]``: what to run on a finished run (sample,
             export, evaluate), printed in the summary after ``train``.
+        generator: ``generator(cfg, state_dict) -> Student`` (:class:`~dmd2.train.loading.Student`): the run's
+            generator network with ``state_dict`` (its plain weights) loaded, wrapped with the run's sampler; what
+            :func:`~dmd2.train.loading.load_generator` calls.
+        after_train: ``after_train(cfg, result: TrainResult)``, run on rank 0 after ``train`` returns, only when
+            the run completed (``result.completed``: not stopped by SIGTERM or SIGINT).
+        module: the recipe's module name, recorded in the run's ``config.json`` (default: where ``build`` lives).
     """
 
     name: str
@@ -58,6 +75,22 @@ class Recipe:
     commands: Mapping[str, Callable[[RecipeConfig, list[str]], int]] = field(default_factory=dict)
     flags: Mapping[str, str] = field(default_factory=dict)
     next_steps: Callable[[RecipeConfig, Path], Sequence[str]] | None = None
+    generator: Callable | None = None
+    after_train: Callable[[RecipeConfig, TrainResult], None] | None = None
+    module: str = ""
+
+    def __post_init__(self):
+        if not self.module and self.build is not None:
+            self.module = _module_name(self.build)
+
+
+def _module_name(fn: Callable) -> str:
+    """The importable module of ``fn`` (``python -m pkg.mod`` runs it as ``__main__``: then ``pkg.mod``)."""
+    name = getattr(fn, "__module__", "") or ""
+    if name == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = spec.name if spec is not None else ""
+    return name
 
 
 def _parser(recipe: Recipe) -> argparse.ArgumentParser:
@@ -193,7 +226,8 @@ def check_resume_config(cfg: RecipeConfig, checkpoint: Path, world_size: int = 1
 def run_training(recipe: Recipe, cfg: RecipeConfig, allow_config_change: bool = False) -> int:
     """``train``: join the torchrun job if any, lock the run folder (rank 0), resolve and check ``train.resume``,
     build the components, train. Returns 0, or ``128 + signal`` when SIGTERM / SIGINT interrupted the run (a
-    checkpoint was written; nothing that follows training, such as an evaluation, should run)."""
+    checkpoint was written; nothing that follows training, such as an evaluation, should run). Then
+    :attr:`Recipe.after_train` on rank 0 when the run completed."""
     import torch.distributed as dist
 
     from .checkpoint import RunFolderLocked, hold_run_folder, latest_checkpoint, resolve_resume
@@ -228,11 +262,14 @@ def run_training(recipe: Recipe, cfg: RecipeConfig, allow_config_change: bool = 
                           flush=True)
             torch.manual_seed(cfg.train.seed)
             components = recipe.build(cfg, info)
-            trainer = Trainer(cfg, components, info, out)
+            trainer = Trainer(cfg, components, info, out, recipe=recipe.module)
             last = trainer.train(resume)
+            result = TrainResult(last, trainer.step, trainer.interrupted is None and trainer.step >= cfg.train.max_steps)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if recipe.after_train is not None and info.is_main and result.completed:
+        recipe.after_train(cfg, result)
     if info.is_main:
         print(run_summary(recipe, cfg, last, trainer.step), flush=True)
     return 0 if trainer.interrupted is None else 128 + trainer.interrupted

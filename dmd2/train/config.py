@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from ..core.gan import GANHead
 from ..core.objective import DMD2Config
 
 __all__ = [
-    "TrainConfig", "CriticConfig", "SamplerConfig", "RecipeConfig", "DMD2Config",
+    "TrainConfig", "CriticConfig", "SamplerConfig", "GANConfig", "RecipeConfig", "DMD2Config", "gan_enabled", "gan_head",
     "apply_overrides", "valid_keys", "config_to_dict", "config_from_dict", "config_to_json", "parse_value",
     "field_docs", "config_help", "read_config_file", "flatten",
 ]
@@ -58,6 +59,9 @@ class TrainConfig:
         seed: base seed; all randomness of iteration ``s`` derives from ``(seed, s, phase, shard)``.
         distributed: ``"none"``, ``"ddp"`` or ``"fsdp2"`` (launch with ``torchrun`` for the latter two).
         grad_checkpointing: recompute activations of the trained networks in backward.
+        compile: ``torch.compile`` the networks (generator, fake score, teacher, GAN head) block by block: the
+            forward of each of the recipe's blocks (``Components.checkpoint_units``, else ``fsdp_units``, else the
+            whole network), so module hooks (feature taps, FSDP2's) stay outside the compiled code.
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         out: run folder (``--out``).
         resume: ``""`` (a fresh run), ``"auto"`` (the newest complete checkpoint in ``out``) or a checkpoint folder
@@ -89,6 +93,7 @@ class TrainConfig:
     seed: int = 0
     distributed: str = "none"
     grad_checkpointing: bool = False
+    compile: bool = False
     device: str = "auto"
     out: str = ""
     resume: str = ""
@@ -171,6 +176,32 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
+class GANConfig:
+    """The GAN head (:class:`~dmd2.core.GANHead`, DMD2 Sec. 4.2) on the fake score's bottleneck, the same section in
+    every recipe (the recipe picks the tapped layer: its network's bottleneck / mid block).
+
+    Whether a head exists is one rule, :func:`gan_enabled`: ``objective.gan_generator_weight > 0`` or
+    ``objective.gan_discriminator_weight > 0`` (the weights stay in ``objective``, next to the losses they scale).
+    With both at 0 no head is built, run or saved, and the trainer asks for no real images.
+
+    Attributes:
+        hidden: width of the head's conv blocks.
+        depth: stride-2 4x4 conv blocks (each + GroupNorm + SiLU).
+        final_conv: end with a 4x4 conv of stride 4 (a 4x4 map -> 1x1) + GroupNorm + SiLU, as the official heads do
+            (SDXL: hidden 1280, depth 3; ImageNet-64: hidden 768, depth 1); else a global average pool.
+    """
+
+    hidden: int = 256
+    depth: int = 2
+    final_conv: bool = False
+
+    def __post_init__(self):
+        if self.hidden < 1 or self.depth < (0 if self.final_conv else 1):
+            raise ValueError(f"gan.hidden must be >= 1 and gan.depth >= {0 if self.final_conv else 1} "
+                             f"(gan.final_conv={self.final_conv}), got {self.hidden}, {self.depth}")
+
+
+@dataclass(frozen=True)
 class RecipeConfig:
     """Root of a run's configuration; recipes subclass it (frozen) to add sections."""
 
@@ -178,6 +209,21 @@ class RecipeConfig:
     objective: DMD2Config = field(default_factory=DMD2Config)
     critic: CriticConfig = field(default_factory=CriticConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+
+
+def gan_enabled(cfg: RecipeConfig) -> bool:
+    """The one rule for "this run has a GAN head": a GAN weight of ``cfg.objective`` is positive."""
+    return cfg.objective.gan_generator_weight > 0 or cfg.objective.gan_discriminator_weight > 0
+
+
+def gan_head(cfg: RecipeConfig, in_channels: Sequence[int]) -> GANHead | None:
+    """The run's :class:`~dmd2.core.GANHead` over maps of ``in_channels`` (``cfg.gan``), or None when
+    :func:`gan_enabled` is false."""
+    if not gan_enabled(cfg):
+        return None
+    g = cfg.gan
+    return GANHead(in_channels, hidden=g.hidden, depth=g.depth, final_conv=g.final_conv)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,27 +365,46 @@ def config_to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_to_json(cfg) -> str:
-    return json.dumps(config_to_dict(cfg), indent=2, sort_keys=False)
+#: the top-level key of a run's ``config.json`` naming the module of the recipe that wrote it (not a config field)
+RECIPE_KEY = "recipe"
+
+
+def config_to_json(cfg, recipe: str = "") -> str:
+    """The config as JSON; ``recipe`` (a module name such as ``dmd2.recipes.mnist``), when given, is recorded first
+    under :data:`RECIPE_KEY` so that :func:`dmd2.train.load_generator` can find the run's builder."""
+    return json.dumps({**({RECIPE_KEY: recipe} if recipe else {}), **config_to_dict(cfg)}, indent=2, sort_keys=False)
+
+
+#: keys of run folders written before the one ``gan`` section -> their key now (None: dropped; the tiny recipe's
+#: ``model.gan`` flag is implied by the GAN weights)
+LEGACY_KEYS = {"model.gan_hidden": "gan.hidden", "model.gan_depth": "gan.depth", "model.gan": None}
 
 
 def config_from_dict(cls_or_cfg, data: Mapping[str, Any]):
     """Rebuild a config from :func:`config_to_dict` output; ``cls_or_cfg`` is the root class or a default instance.
 
-    Keys absent from ``data`` keep their defaults; unknown keys raise ``ValueError``.
+    Keys absent from ``data`` keep their defaults; :data:`LEGACY_KEYS` are renamed (:func:`flatten`); a top-level
+    :data:`RECIPE_KEY` (written by :func:`config_to_json`) is not a field and is skipped; other unknown keys raise
+    ``ValueError``.
     """
     base = cls_or_cfg() if isinstance(cls_or_cfg, type) else cls_or_cfg
+    data = {k: v for k, v in data.items() if k != RECIPE_KEY}
     return apply_overrides(base, flatten(data))
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> ``{"a.b": value}`` (keys already dotted pass through)."""
+    """Nested mappings -> ``{"a.b": value}`` (keys already dotted pass through); :data:`LEGACY_KEYS` renamed."""
     out = {}
     for k, v in data.items():
         if isinstance(v, Mapping):
             out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
+            continue
+        key = f"{prefix}{k}"
+        if key in LEGACY_KEYS:
+            if LEGACY_KEYS[key] is None:
+                continue
+            key = LEGACY_KEYS[key]
+        out[key] = v
     return out
 
 
@@ -362,7 +427,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"--config {str(path)!r}: cannot parse ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"--config {str(path)!r}: expected a mapping of config keys, got {type(data).__name__}")
-    return flatten(data)
+    return flatten({k: v for k, v in data.items() if k != RECIPE_KEY})  # a saved config.json names its recipe
 
 
 # ------------------------------------------------------------------------------------------------ help text

@@ -5,8 +5,10 @@ One iteration ``s`` (``train.max_steps`` counts them, docs/design.md "Iteration"
 
 1. when ``s % critic.ratio == 0``: a generator update - fake score and GAN head frozen, ``grad_accum`` micro-batches
    of :meth:`DMD2.generator_loss`, gradient clipping, AdamW step, EMA update;
-2. always: a critic update - generator frozen, :meth:`DMD2.critic_loss` on fresh generator samples and real
-   images, clipping, AdamW step on the fake score + GAN head.
+2. always: a critic update - generator frozen, :meth:`DMD2.critic_loss` on generator samples and real images,
+   clipping, AdamW step on the fake score + GAN head. The samples: on a generator turn, that turn's detached,
+   pre-update output of the same micro-batch (with its conditions and ``k``; the official code's choice), else
+   fresh ones (``objective.critic_fresh_samples=true``: fresh ones on every iteration).
 
 Randomness is keyed, not carried: the noise, times and re-noises of micro-batch ``m`` on rank ``r`` come from a
 generator seeded by ``(seed, s, phase, shard)`` with the global shard index ``shard = r * grad_accum + m`` (with
@@ -131,6 +133,32 @@ def _enable_grad_checkpointing(module: nn.Module, units) -> None:
                          "and the recipe gave no Components.checkpoint_units")
 
 
+def _compile_blocks(modules: Iterable[Any], units) -> None:
+    """``torch.compile`` the ``forward`` of each block ``units(module)`` returns (the whole module when it returns
+    none): module hooks run in eager mode around the compiled code (FeatureHooks' taps and stop, FSDP2's unshard /
+    reshard, DDP's reducer on the parameters), and activation checkpointing wraps the compiled forward. Blocks shared
+    between networks (LoRA modes) are compiled once.
+
+    Static shapes (``dynamic=False``): the batch takes a few values per run (B, the 2B of the critic's GAN pass and of
+    CFG), each compiled once; with automatic dynamic shapes inductor failed on CPU (torch 2.14.1, ADM blocks:
+    "cannot determine truth value of Relational: 32*s0*s53 < 32"). The blocks of one class share one code object, so Dynamo's
+    per-code-object recompile limit is raised to hold every (block shape, batch, grad mode) variant (a process-wide
+    setting, never lowered)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.cache_size_limit = max(cfg.cache_size_limit, 256)
+    cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 1024)
+    done: set[int] = set()
+    for module in modules:
+        if not isinstance(module, nn.Module):
+            continue
+        for u in (list(units(module)) if units is not None else []) or [module]:
+            if id(u) not in done:
+                done.add(id(u))
+                u.forward = torch.compile(u.forward, dynamic=False)
+
+
 def _local(t):
     """A DTensor's full value (collective), else the tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -166,10 +194,12 @@ class Trainer:
         components: what the recipe built.
         info: from :func:`~dmd2.train.distributed.init_distributed`.
         out: the run folder (checkpoints, logs, samples); defaults to ``cfg.train.out``.
+        recipe: the recipe's module name, recorded in every ``config.json`` (:func:`dmd2.train.load_generator`).
     """
 
-    def __init__(self, cfg: RecipeConfig, components: Components, info: DistInfo | None = None, out: str | Path | None = None):
-        self.cfg, self.c = cfg, components
+    def __init__(self, cfg: RecipeConfig, components: Components, info: DistInfo | None = None, out: str | Path | None = None,
+                 recipe: str = ""):
+        self.cfg, self.c, self.recipe = cfg, components, recipe
         self.info = info or DistInfo()
         t = cfg.train
         self.out = Path(out or t.out or "runs/dmd2")
@@ -183,10 +213,13 @@ class Trainer:
         self.accum = t.grad_accum
 
         gen, fake, head = components.generator, components.fake_score, components.gan_head
-        gen_names = [n for n, p in gen.named_parameters() if p.requires_grad]
-        critic_names = [[n for n, p in m.named_parameters() if p.requires_grad] for m in (fake, head) if m is not None]
-        if not gen_names or not critic_names[0]:
+        self.gen_trainable = Trainable([gen])  # the trainable names, taken before wrapping
+        self.critic_trainable = Trainable([fake, head])
+        if not self.gen_trainable.names[0] or not self.critic_trainable.names[0]:
             raise ValueError("Components: the generator and the fake score need trainable parameters (requires_grad=True)")
+        if t.compile:
+            _compile_blocks([gen, fake, components.teacher], components.checkpoint_units or components.fsdp_units)
+            _compile_blocks([head], None)
         if t.grad_checkpointing:
             _enable_grad_checkpointing(gen, components.checkpoint_units)
             _enable_grad_checkpointing(fake, components.checkpoint_units)
@@ -199,10 +232,6 @@ class Trainer:
             teacher = shard_frozen(teacher, self.info, components.fsdp_units)
         self.teacher = teacher
         self.critic_modules = nn.ModuleDict({"fake_score": fake, **({"gan_head": head} if head is not None else {})})
-        self.gen_trainable = Trainable([gen])
-        self.gen_trainable.names = [gen_names]
-        self.critic_trainable = Trainable([fake, head])
-        self.critic_trainable.names = critic_names
 
         ddp = self.info.mode == "ddp"
         layers = list(components.gan_layers)
@@ -227,7 +256,6 @@ class Trainer:
         self._acc: dict[str, torch.Tensor] = {}
         self._cnt: dict[str, int] = {}
         self._bad: dict[str, torch.Tensor] = {}
-        self._last_norms: dict[str, torch.Tensor] = {}
         self._stop_signal = 0  # the number of the signal that asked the run to stop
         #: after :meth:`train`: the number of the signal (SIGTERM / SIGINT) that interrupted it, else None
         self.interrupted: int | None = None
@@ -303,11 +331,13 @@ class Trainer:
         return _local(norm)
 
     # -- one update each ---------------------------------------------------------------------------------------
-    def _generator_update(self, step: int) -> None:
+    def _generator_update(self, step: int) -> list[tuple[Any, Any]]:
+        """The generator update; returns each micro-batch's ``(Samples, cond)`` for the critic update."""
         self.critic_trainable.set(False)
         self.gen_trainable.set(True)
         k = self.draw_k(step, _GEN)
         logs_sum: dict[str, torch.Tensor] = {}
+        made = []
         for m in range(self.accum):
             g = self._rng(step, _GEN, self._shard(m))
             self._key_noise_stream(step, _GEN, self._shard(m))
@@ -316,6 +346,7 @@ class Trainer:
                 with self._autocast():
                     loss, logs = self.obj_gen.generator_loss(noise, cond, k=k, generator=g)
                 (loss / self.accum).backward()
+            made.append((self.obj_gen.last_samples, cond))
             for n, v in logs.items():
                 if n != "k":
                     logs_sum[n] = logs_sum.get(n, 0) + v.float() / self.accum
@@ -329,8 +360,11 @@ class Trainer:
         for n, v in logs_sum.items():
             self._track(n, v, 2 * step)
         self._track("grad_norm_generator", norm, 2 * step)
+        return made
 
-    def _critic_update(self, step: int) -> None:
+    def _critic_update(self, step: int, made: Sequence[tuple[Any, Any]] | None = None) -> None:
+        """The critic update, on ``made`` (the generator turn's per-micro-batch samples) when given, else on fresh
+        samples."""
         self.gen_trainable.set(False)
         self.critic_trainable.set(True)
         k = self.draw_k(step, _CRITIC)
@@ -340,12 +374,17 @@ class Trainer:
             shard = self._shard(m)
             g = self._rng(step, _CRITIC, shard)
             self._key_noise_stream(step, _CRITIC, shard)
-            noise, cond = self.c.latents(b, g, self.device)
+            samples = None
+            if made is None:
+                noise, cond = self.c.latents(b, g, self.device)
+            else:
+                (samples, cond), noise = made[m], None
             real, real_cond = (self.c.real_data(step, shard, b, self.device) if self.c.real_data is not None and self.head is not None
                                else (None, None))
             with self._no_sync([self.fake_w, self.head_w], m == self.accum - 1):
                 with self._autocast():
-                    loss, logs = self.obj_critic.critic_loss(noise, cond, real, real_cond, k=k, generator=g)
+                    loss, logs = self.obj_critic.critic_loss(noise, cond, real, real_cond, k=k, generator=g,
+                                                             samples=samples)
                 (loss / self.accum).backward()
             for n, v in logs.items():
                 logs_sum[n] = logs_sum.get(n, 0) + v.float() / self.accum
@@ -363,9 +402,8 @@ class Trainer:
         phase = self.scheduler.next()
         if phase.step != self.step:
             raise RuntimeError(f"critic scheduler at {phase.step} but trainer at {self.step}")
-        if phase.generator:
-            self._generator_update(self.step)
-        self._critic_update(self.step)
+        made = self._generator_update(self.step) if phase.generator else None
+        self._critic_update(self.step, None if self.cfg.objective.critic_fresh_samples else made)
         self.step += 1
 
     # -- checks and logs ---------------------------------------------------------------------------------------
@@ -487,8 +525,6 @@ class Trainer:
             "step": self.step,
             "world_size": self.info.world_size,
             "critic_scheduler": self.scheduler.state_dict(),
-            "lr_schedule": {"kind": "constant_with_warmup", "warmup_steps": self.cfg.train.warmup_steps,
-                            "lr_generator": self.cfg.train.lr_generator, "lr_critic": self.cfg.train.lr_critic},
             "rng": {"keys": list(rng), "sizes": [v.numel() for v in rng.values()], "per_rank": rng_rows},
             "log": {"names": names, "acc": self._gather_rows(acc), "cnt": [self._cnt[n] for n in names],
                     "window_steps": self._window_steps},
@@ -511,12 +547,12 @@ class Trainer:
                 dist.barrier()
             sharded.save_sharded(ckpt.tmp_checkpoint_path(self.out, self.step), tensors)
             if self.info.is_main:
-                path = ckpt.commit_checkpoint(self.out, self.step, state, config_to_json(self.cfg),
+                path = ckpt.commit_checkpoint(self.out, self.step, state, config_to_json(self.cfg, self.recipe),
                                               keep_last=self.cfg.train.keep_last)
         else:
             weights, state = self.state_dict()
             if self.info.is_main:
-                path = ckpt.write_checkpoint(self.out, self.step, weights, state, config_to_json(self.cfg),
+                path = ckpt.write_checkpoint(self.out, self.step, weights, state, config_to_json(self.cfg, self.recipe),
                                              keep_last=self.cfg.train.keep_last)
         if self.info.distributed:
             dist.barrier()
@@ -625,7 +661,7 @@ class Trainer:
                                       loggers=t.logger_names(), config=config_to_dict(self.cfg))
             stack.callback(self.monitor.close)
             if self.info.is_main:
-                (self.out / "config.json").write_text(config_to_json(self.cfg))
+                (self.out / "config.json").write_text(config_to_json(self.cfg, self.recipe))
                 if resume is not None:
                     self.monitor.write(f"resumed from {resume} at iteration {self.step}")
             return self._loop()

@@ -13,7 +13,6 @@ def test_exactly_one_generator_update_per_ratio_window_across_restore(ratio, sta
     restored = CriticScheduler(ratio)
     restored.load_state_dict(s.state_dict())
     plan += [restored.next() for _ in range(60)]
-    assert all(p.critic for p in plan)
     assert [p.step for p in plan] == list(range(start, start + cut + 60))
     gens = [p.generator for p in plan]
     for i in range(len(gens) - ratio + 1):
@@ -90,6 +89,17 @@ def test_k1_is_the_prior_and_k_is_uniform():
     assert counts.min() > 900 and counts.max() < 1100  # 1000 +- 3.5 sd
     with pytest.raises(ValueError, match=r"\[1, 4\]"):
         smp.simulate(G, noise, k=5)
+
+
+def test_simulate_draws_k_from_its_generator_only():
+    smp = BackwardSimulationSampler(EDMSchedule(), [80.0, 20.0, 2.0, 0.2])
+    noise = torch.randn(3, 2)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    ks = [smp.simulate(CountingG(), noise, generator=torch.Generator().manual_seed(s)).k for s in range(40)]
+    assert torch.equal(torch.get_rng_state(), before)  # k and the re-noises came from the generator, not the global RNG
+    assert ks == [smp.draw_k(torch.Generator().manual_seed(s)) for s in range(40)]
+    assert set(ks) == {1, 2, 3, 4}
     with pytest.raises(ValueError, match="descending"):
         BackwardSimulationSampler(EDMSchedule(), [2.0, 80.0])
 

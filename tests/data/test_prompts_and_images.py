@@ -9,7 +9,7 @@ import torch
 
 from dmd2.data.prompts import read_prompts
 from dmd2.data.sdxl_images import (ImageCaptionFolder, LatentCache, WebDatasetShards, cache_latents, load_image,
-                                   open_image_source, vae_encode)
+                                   open_image_source, sample_posterior, vae_moments)
 
 PROMPTS = ["a red cube", "the cat, on a mat", "ünïcode \"quoted\" prompt"]
 
@@ -86,7 +86,7 @@ def test_image_caption_folder(tmp_path):
         lines.append(json.dumps({"file": f"{i}.png", "caption": PROMPTS[i]}))
     (tmp_path / "captions.jsonl").write_text("\n".join(lines))
     ds = ImageCaptionFolder(tmp_path, 8)
-    assert len(ds) == 3
+    assert len(ds) == 3 and ds.captions() == PROMPTS[:3]
     x, c = ds[1]
     assert x.shape == (3, 8, 8) and c == PROMPTS[1]
     assert torch.equal(x, load_image(tmp_path / "1.png", 8))
@@ -111,7 +111,7 @@ def test_webdataset_shards(tmp_path):
     _write_tar(tmp_path / "001.tar", [("dir/s3.txt", PROMPTS[2].encode()), ("dir/s3.png", _png_bytes(arrs[3]))])
     ds = WebDatasetShards(tmp_path, 8)
     assert len(ds) == 3
-    assert [ds[i][1] for i in range(3)] == PROMPTS
+    assert [ds[i][1] for i in range(3)] == PROMPTS == ds.captions()
     assert torch.equal(ds[2][0], load_image(_png_bytes(arrs[3]), 8))
     assert torch.equal(ds[0][0], load_image(_png_bytes(arrs[0]), 8))
     with pytest.raises(ValueError, match="not found"):
@@ -119,7 +119,8 @@ def test_webdataset_shards(tmp_path):
 
 
 class _TinyVAE(torch.nn.Module):
-    """Stand-in with diffusers' interface: latent_dist.mean = 2x2 average pool of the first 2 channels."""
+    """Stand-in with diffusers' interface: latent_dist.mean = 2x2 average pool of the first 2 channels, latent_dist.std
+    = 0.1 + |that of the third|."""
 
     class config:  # noqa: N801
         scaling_factor = 0.5
@@ -135,23 +136,54 @@ class _TinyVAE(torch.nn.Module):
         d = D()
         d.latent_dist = D()
         d.latent_dist.mean = torch.nn.functional.avg_pool2d(x[:, :2], 2) * self.w
+        d.latent_dist.std = 0.1 + torch.nn.functional.avg_pool2d(x[:, 2:3], 2).abs().expand(-1, 2, -1, -1)
         return d
 
 
-def test_vae_encode_and_latent_cache_round_trip(tmp_path):
+def test_vae_moments_and_latent_cache_round_trip(tmp_path):
     vae = _TinyVAE()
     x = torch.rand(2, 3, 8, 8) * 2 - 1
-    z = vae_encode(vae, x)
-    assert torch.equal(z, 0.5 * torch.nn.functional.avg_pool2d(x[:, :2], 2))
+    m = vae_moments(vae, x)
+    assert m.shape == (2, 2, 2, 4, 4)
+    assert torch.equal(m[:, 0], 0.5 * torch.nn.functional.avg_pool2d(x[:, :2], 2))
+    assert torch.equal(m[:, 1], 0.5 * (0.1 + torch.nn.functional.avg_pool2d(x[:, 2:3], 2).abs()).expand(-1, 2, -1, -1))
     ds = [(x[i], PROMPTS[i]) for i in range(2)] + [(-x[0], PROMPTS[2])]
     cache_latents(ds, vae, tmp_path / "cache", batch=2)
     cache = LatentCache(tmp_path / "cache")
-    assert len(cache) == 3
+    assert len(cache) == 3 and cache.captions() == PROMPTS[:3]
     for i, (img, cap) in enumerate(ds):
-        lat, c = cache[i]
-        assert c == cap and torch.equal(lat, vae_encode(vae, img[None])[0])
+        moments, c = cache[i]
+        # stored in fp16 (the default), read back as fp32
+        assert c == cap and moments.dtype == torch.float32
+        assert torch.equal(moments, vae_moments(vae, img[None])[0].half().float())
     assert isinstance(open_image_source("latents", tmp_path / "cache", 8), LatentCache)
     with pytest.raises(ValueError, match="real_kind"):
         open_image_source("lmdb", tmp_path, 8)
     with pytest.raises(ValueError, match="latents.safetensors"):
         LatentCache(tmp_path)
+    with pytest.raises(IndexError, match="out of range"):
+        cache[3]
+
+
+def test_old_latent_cache_of_means_is_refused_with_the_rebuild_command(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "captions.jsonl").write_text('{"caption": "a"}\n')
+    save_file({"latents": torch.zeros(1, 4, 2, 2)}, str(tmp_path / "latents.safetensors"))
+    with pytest.raises(ValueError, match=r"holds \['latents'\].*rebuild it: python -m dmd2.recipes.sdxl cache-latents"):
+        LatentCache(tmp_path)
+
+
+def test_sample_posterior_is_keyed_and_has_the_posterior_moments():
+    mean = torch.tensor([0.5, -2.0]).view(1, 2, 1, 1).expand(4000, 2, 3, 3)
+    std = torch.tensor([0.1, 1.5]).view(1, 2, 1, 1).expand(4000, 2, 3, 3)
+    moments = torch.stack([mean, std], dim=1)
+    z = sample_posterior(moments, torch.Generator().manual_seed(3))
+    assert torch.equal(z, sample_posterior(moments, torch.Generator().manual_seed(3)))
+    assert not torch.equal(z, sample_posterior(moments, torch.Generator().manual_seed(4)))
+    # 36,000 draws per channel: the sample mean is within 4 standard errors, the sample std within 2 %
+    emp_mean, emp_std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
+    assert ((emp_mean - torch.tensor([0.5, -2.0])).abs() < 4 * torch.tensor([0.1, 1.5]) / 36_000 ** 0.5).all()
+    assert ((emp_std / torch.tensor([0.1, 1.5]) - 1).abs() < 0.02).all()
+    with pytest.raises(ValueError, match=r"\(B, 2, C, h, w\)"):
+        sample_posterior(mean, torch.Generator())

@@ -219,7 +219,7 @@ def test_generated_statistics_are_per_image_and_batch_independent(detector_path)
 
 # --- command line ---------------------------------------------------------------------------------------------
 def test_cli_student_fid_equals_direct_frechet_distance(detector_path, tiny_run, tmp_path):
-    from dmd2.recipes.imagenet64 import load_generator
+    from dmd2.train import load_generator
 
     det = fid.load_detector(detector_path)
     ref_feats = _features_direct(det, _random_uint8(40, 3))
@@ -230,7 +230,7 @@ def test_cli_student_fid_equals_direct_frechet_distance(detector_path, tiny_run,
     assert rc == 0
     res = json.loads(out.read_text())
     # the same 30 images, generated directly: seeds 7..36, classes i mod 10, one step at sigma 80
-    gen = load_generator(tiny_run)
+    gen = load_generator(tiny_run, weights="generator")
     noise = fid.sample_seeds_noise(range(7, 37), (3, 16, 16))
     with torch.no_grad():
         x0 = gen.denoiser(80.0 * noise, torch.full((30,), 80.0), torch.arange(30) % 10)

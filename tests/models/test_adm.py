@@ -18,7 +18,7 @@ from dmd2.models.adm import (
     bottleneck_name,
     build_edm_adm,
     edm_imagenet64_config,
-    mnist_adm_config,
+    small_adm_config,
 )
 
 TINY = ADMConfig(img_resolution=16, img_channels=3, label_dim=5, model_channels=16, channel_mult=(1, 2, 2),
@@ -122,7 +122,7 @@ def test_bad_configs_raise(kwargs, match):
 def test_unconditional_and_mnist_configs():
     net = ADMNet(ADMConfig(**{**TINY.to_dict(), "label_dim": 0}))
     assert net.map_label is None and not any("map_label" in k for k in net.state_dict())
-    mn = randomise(ADMNet(mnist_adm_config())).eval()
+    mn = randomise(ADMNet(small_adm_config())).eval()
     x = torch.randn(3, 1, 32, 32)
     out = mn(x, torch.zeros(3), F.one_hot(torch.tensor([0, 5, 9]), 10).float())
     assert out.shape == (3, 1, 32, 32)

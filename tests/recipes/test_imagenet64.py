@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from dmd2.models.adm import build_edm_adm
 from dmd2.recipes import imagenet64 as rec
-from dmd2.train import main
+from dmd2.train import load_generator, main
 from dmd2.train.config import apply_overrides
 
 FAST = ["train.progress=false", "train.sample_every=0"]
@@ -31,7 +31,7 @@ PAPER_VALUES = {
     ("train", "lr_generator"): 2e-6, ("train", "lr_critic"): 2e-6, ("train", "betas"): [0.9, 0.999],
     ("train", "weight_decay"): 0.01, ("train", "batch_size"): 40, ("train", "grad_clip"): 10.0,
     ("train", "mixed_precision"): "bf16", ("train", "max_steps"): 200_000, ("train", "grad_accum"): 1,
-    ("train", "warmup_steps"): 0,
+    ("train", "warmup_steps"): 72, ("train", "ema_decay"): None, ("train", "seed"): 10,  # official: 500 scheduler steps = 500/7 iterations
     ("critic", "ratio"): 5, ("sampler", "steps"): 1,
     ("objective", "gan_generator_weight"): 3e-3, ("objective", "gan_discriminator_weight"): 1e-2,
     ("objective", "dm_weight"): 1.0, ("objective", "min_frac"): 0.02, ("objective", "max_frac"): 0.98,
@@ -165,7 +165,7 @@ def test_init_from_checkpoint(tiny):
 
 # --- users: load_generator and sample -------------------------------------------------------------------------
 def test_load_generator_is_one_generator_call_at_sigma_80(tiny):
-    gen = rec.load_generator(tiny)  # a run folder -> its newest checkpoint
+    gen = load_generator(tiny, weights="generator")  # a run folder -> its newest checkpoint
     saved = load_file(str(ckpt(tiny, 6) / "generator.safetensors"))
     sd = gen.denoiser.state_dict()
     assert all(torch.equal(sd[k], saved[k]) for k in saved)
@@ -176,17 +176,18 @@ def test_load_generator_is_one_generator_call_at_sigma_80(tiny):
         x = gen(z, labels)
         direct = gen.denoiser(80.0 * z, torch.full((5,), 80.0), labels)
     torch.testing.assert_close(x, direct, rtol=0, atol=0)
-    ema = rec.load_generator(ckpt(tiny, 6), weights="ema")
+    ema = load_generator(ckpt(tiny, 6), weights="ema")
     ema_saved = load_file(str(ckpt(tiny, 6) / "ema.safetensors"))
     esd = ema.denoiser.state_dict()
-    assert all(torch.equal(esd[k], ema_saved[k]) for k in ema_saved if not k.startswith("buffer::"))
+    assert ema.weights == "ema" and set(esd) == set(ema_saved)  # the EMA file is a plain state dict of the network
+    assert all(torch.equal(esd[k], ema_saved[k]) for k in ema_saved)
     assert not torch.equal(esd["model.out_conv.weight"], sd["model.out_conv.weight"])
-    two = rec.load_generator(tiny, steps=2)
+    two = load_generator(tiny, steps=2)
     assert two.num_steps == 2 and two.timesteps[0] == 80.0
     with pytest.raises(ValueError, match=r"noise must be \(B, 3, 16, 16\)"):
         gen(torch.zeros(2, 3, 8, 8), labels[:2])
-    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
-        rec.load_generator(tiny / "checkpoints")
+    with pytest.raises(ValueError, match="neither a complete checkpoint folder"):
+        load_generator(tiny / "checkpoints")
 
 
 def test_sample_command_writes_a_grid(tiny, tmp_path, capsys):

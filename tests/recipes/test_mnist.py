@@ -8,10 +8,10 @@ import torch
 from dmd2.core import EDMSchedule
 from dmd2.eval.fid_mnist import evaluate_sampler
 from dmd2.eval.mnist_classifier import mnist_features
+from dmd2.eval.samplers import heun_sampler
 from dmd2.recipes import mnist
-from dmd2.recipes.mnist_teacher import (DEFAULT_TEACHER, TeacherConfig, build_teacher, heun_sampler, load_teacher,
-                                        train_teacher)
-from dmd2.train import Trainer, apply_overrides, resolve_config
+from dmd2.recipes.mnist_teacher import DEFAULT_TEACHER, TeacherConfig, build_teacher, load_teacher, train_teacher
+from dmd2.train import Trainer, apply_overrides, main, resolve_config
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_teacher_heun18_label_accuracy(teacher):
     """EDM Heun, 18 steps (35 NFE), N = 256 samples of classes 0..9 in turn: the classifier agrees >= 92% of the time
     (the shipped record says >= 95% on N = 1,000; 92% leaves ~3 binomial std for N = 256)."""
     labels = torch.arange(256) % 10
-    images = heun_sampler(teacher, 18)(labels, 0)
+    images = heun_sampler(teacher, (1, 32, 32), 18)(labels, 0)
     assert images.shape == (256, 1, 32, 32) and bool(torch.isfinite(images).all())
     _, logits = mnist_features(images)
     assert float((logits.argmax(1) == labels).double().mean()) >= 0.92
@@ -136,7 +136,7 @@ def test_short_distillation_improves_the_student_fid(tmp_path):
 @pytest.mark.slow
 def test_tiny_cli_run_writes_metrics(tmp_path, capsys):
     out = tmp_path / "run"
-    assert mnist.main(["--preset", "tiny", "--out", str(out), "eval.enabled=true"]) == 0
+    assert main(mnist.RECIPE, ["--preset", "tiny", "--out", str(out), "eval.enabled=true"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     for key in ("real_train", "teacher_ode", "teacher_1step", "student_1step"):
         assert {"fid", "fid_std", "kid", "label_accuracy", "nfe", "seconds", "weights"} <= set(m[key])

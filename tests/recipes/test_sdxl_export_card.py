@@ -8,8 +8,8 @@ import torch
 
 from dmd2.core import BackwardSimulationSampler
 from dmd2.models.sdxl import PromptEncoder, SDXLDenoiser
-from dmd2.recipes.sdxl import RECIPE
-from dmd2.recipes.sdxl_export import load_student_unet, model_card
+from dmd2.recipes.sdxl import RECIPE, load_student_unet
+from dmd2.recipes.sdxl_export import model_card
 from dmd2.train import main, resolve_config
 
 
@@ -31,7 +31,7 @@ def test_one_step_scheduler_runs_the_trained_timestep(one_step_export):
     pipe.scheduler.set_timesteps(1)
     assert pipe.scheduler.timesteps.tolist() == [399]  # not LCM's 999
     # the obvious call == our sampler on the trained grid, same initial noise
-    unet, cfg, parts = load_student_unet(run, "ema")
+    unet, cfg, parts, _ = load_student_unet(run, "ema")
     assert cfg.sampler.grid(lambda n: [399]) == [399]
     enc = PromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2)
     cond = enc.cond(["a red cube", "the cat"], 32, 32)

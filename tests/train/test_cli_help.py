@@ -80,7 +80,7 @@ def test_docstring_lines_are_the_attributes_entries():
 
 def test_help_config_unknown_section(capsys):
     assert main(_recipe("tiny"), ["--help-config", "nope"]) == 2
-    assert "unknown config section 'nope'; valid sections: train, objective, critic, sampler, model, data" in capsys.readouterr().err
+    assert "unknown config section 'nope'; valid sections: train, objective, critic, sampler, gan, model, data" in capsys.readouterr().err
 
 
 def _without_origin(cfg):

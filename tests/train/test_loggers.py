@@ -34,8 +34,9 @@ def test_tensorboard_records_the_config_as_hparams(tmp_path):
     hp = _tb_hparams(out / "tb")
     assert hp["train.max_steps"] == 2 and hp["model.hidden"] == 8 and hp["critic.ratio"] == 2
     assert hp["train.betas"] == "[0.9, 0.999]" and hp["train.resume"] == ""
-    # every key of the saved config, no other
+    # every key of the saved config, no other (its top-level "recipe" names the recipe's module; not a config key)
     saved = json.loads((out / "config.json").read_text())
+    assert saved.pop("recipe") == "dmd2.recipes.tiny"
     assert set(hp) == {f"{s}.{k}" for s, sub in saved.items() for k in sub}
     steps = sorted({ev.step for ev in _tb_events(out / "tb") for v in ev.summary.value if v.tag == "loss_fake"})
     assert steps == [1, 2]
@@ -96,6 +97,7 @@ def test_wandb_offline_run_files_hold_config_and_history(tmp_path, monkeypatch):
     assert len(run) == 1 and run[0].run_id == run_id and run[0].display_name == "run"
     config = {u.key: json.loads(u.value_json) for u in run[0].config.update if u.key != "_wandb"}
     saved = json.loads((out / "config.json").read_text())
+    assert saved.pop("recipe") == "dmd2.recipes.tiny"  # names the recipe's module; not a config key
     from dmd2.train.loggers import hparams
 
     assert config == hparams(saved)  # every key of the resolved config, as TensorBoard's hparams
