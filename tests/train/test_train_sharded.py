@@ -68,7 +68,7 @@ def test_sharded_load_names_what_the_checkpoint_lacks(tmp_path, capsys):
 
     from train_helpers import BASE
 
-    no_gan = ["model.gan=false", "objective.gan_generator_weight=0", "objective.gan_discriminator_weight=0"]
+    no_gan = ["objective.gan_generator_weight=0", "objective.gan_discriminator_weight=0"]
     out = run_inprocess(tmp_path / "run", "train.max_steps=2", "train.checkpoint_every=2",
                         "train.checkpoint_format=sharded", *no_gan)
     # a run with a GAN head resumed from a checkpoint without one
