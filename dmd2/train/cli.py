@@ -178,7 +178,8 @@ def resolve_config(recipe: Recipe, preset: str | None = None, overrides: Sequenc
 #: reports, how it is launched (a checkpoint resumes on any number of ranks); every other key changes the run itself
 RESUME_FREE_KEYS = ("train.max_steps", "train.out", "train.resume", "train.progress", "train.checkpoint_every",
                     "train.keep_last", "train.log_every", "train.sample_every", "train.device", "train.distributed",
-                    "train.grad_checkpointing", "train.loggers", "train.origin", "eval.")
+                    "train.grad_checkpointing", "train.loggers", "train.checkpoint_format", "train.origin", "eval.",
+                    "recipe")  # config.json's recipe module name (not a config key)
 
 
 _ABSENT = object()
