@@ -193,8 +193,8 @@ def next_steps(cfg: TinyConfig, ckpt: Path) -> list[str]:
     return [f"python -m dmd2.recipes.tiny sample {ckpt} {Path(cfg.train.out) / 'sample.png'}"]
 
 
-RECIPE = Recipe(name="tiny", config=TinyConfig(gan=GANConfig(hidden=16, depth=1)), build=build, presets=PRESETS, commands={"sample": sample_command},
-                next_steps=next_steps, generator=student)
+RECIPE = Recipe(name="tiny", config=TinyConfig(gan=GANConfig(hidden=16, depth=1)), build=build, presets=PRESETS,
+                commands={"sample": sample_command}, next_steps=next_steps, generator=student)
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process
