@@ -17,8 +17,8 @@ from dmd2.train import checkpoint as ckpt
 from train_helpers import run_inprocess
 
 
-def _run(recipe, out, *argv):
-    assert main(recipe, ["--preset", "tiny", "--out", str(out), "train.progress=false", "train.sample_every=0", *argv]) == 0
+def _run(recipe, out, *argv, rc=0):
+    assert main(recipe, ["--preset", "tiny", "--out", str(out), "train.progress=false", "train.sample_every=0", *argv]) == rc
     return out
 
 
@@ -159,7 +159,7 @@ def test_after_train_runs_only_when_the_run_completed(tmp_path):
     assert len(calls) == 1 and calls[0].completed and calls[0].step == 4
     assert calls[0].checkpoint == ckpt.checkpoint_path(tmp_path / "done", 4)
     calls.clear()
-    _run(_recording_recipe(calls, sigterm_at=3), tmp_path / "stopped", "train.max_steps=20")
+    _run(_recording_recipe(calls, sigterm_at=3), tmp_path / "stopped", "train.max_steps=20", rc=128 + signal.SIGTERM)
     stopped = ckpt.latest_checkpoint(tmp_path / "stopped")
     assert stopped is not None and stopped.name < "checkpoint-00000020"  # SIGTERM: a checkpoint, then an early return
     assert calls == []
