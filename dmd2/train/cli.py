@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .config import (RECIPE_KEY, RecipeConfig, _plain, _value_text, apply_overrides, config_help, config_to_dict, config_to_json,
+from .config import (RecipeConfig, _plain, _value_text, apply_overrides, config_help, config_to_json,
                      read_config_file)
 
 __all__ = ["Recipe", "main", "resolve_config", "run_training", "run_summary", "help_text", "check_resume_config",
@@ -202,10 +202,12 @@ def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
     return out
 
 
-def check_resume_config(cfg: RecipeConfig, checkpoint: Path, world_size: int = 1, allow_change: bool = False) -> list[str]:
-    """Compare the run's config with the one saved in ``checkpoint``: ``ValueError`` listing the changed keys unless
-    ``allow_change`` (then the differences are returned, for the log). ``train.grad_accum`` may change with the
-    number of ranks when the global batch (``grad_accum * world_size``) stays the same."""
+def check_resume_config(cfg: RecipeConfig, checkpoint: Path, world_size: int = 1, allow_change: bool = False,
+                        recipe: str = "") -> list[str]:
+    """Compare the run's config (and ``recipe``, the module that records itself in ``config.json``) with the one saved
+    in ``checkpoint``: ``ValueError`` listing the changed keys unless ``allow_change`` (then the differences are
+    returned, for the log). ``train.grad_accum`` may change with the number of ranks when the global batch
+    (``grad_accum * world_size``) stays the same."""
     from .checkpoint import MANIFEST
 
     saved = checkpoint / "config.json"
@@ -214,8 +216,7 @@ def check_resume_config(cfg: RecipeConfig, checkpoint: Path, world_size: int = 1
         old_world = int(json.loads((checkpoint / MANIFEST).read_text()).get("world_size", 1))
     except (OSError, ValueError) as e:
         raise ValueError(f"{saved}: cannot read the checkpoint's config ({e})") from None
-    old.pop(RECIPE_KEY, None)  # the recipe's module name beside the sections, not a config key
-    new = config_to_dict(cfg)
+    new = json.loads(config_to_json(cfg, recipe))
     if old.get("train", {}).get("grad_accum", 1) * old_world == cfg.train.grad_accum * world_size:
         new = {**new, "train": {**new["train"], "grad_accum": old["train"]["grad_accum"]}}
     diff = config_diff(old, new)
@@ -258,7 +259,7 @@ def run_training(recipe: Recipe, cfg: RecipeConfig, allow_config_change: bool = 
             else:
                 resume = resolve_resume(out, cfg.train.resume)
             if resume is not None:
-                diff = check_resume_config(cfg, resume, info.world_size, allow_config_change)
+                diff = check_resume_config(cfg, resume, info.world_size, allow_config_change, recipe.module)
                 if diff and info.is_main:
                     print(f"warning: config changed at resume (--allow-config-change): {'; '.join(diff)}", file=sys.stderr,
                           flush=True)

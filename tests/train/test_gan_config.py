@@ -1,7 +1,7 @@
 """The one ``gan`` config section and the one rule for whether a run has a GAN head, in every recipe."""
 import pytest
 
-from dmd2.train import apply_overrides, resolve_config
+from dmd2.train import apply_overrides, main, resolve_config
 from dmd2.train.config import GANConfig, config_from_dict, gan_enabled, gan_head
 
 OFF = ["objective.gan_generator_weight=0", "objective.gan_discriminator_weight=0"]
@@ -48,7 +48,7 @@ def test_mnist_without_gan_trains_and_saves_no_head(tmp_path):
     """MNIST's "w/o GAN" ablation: no gan_head in the checkpoint (the head was never built)."""
     from dmd2.recipes import mnist
 
-    assert mnist.main(mnist.RECIPE, ["--preset", "tiny", "--out", str(tmp_path), "train.progress=false", *OFF]) == 0
+    assert main(mnist.RECIPE, ["--preset", "tiny", "--out", str(tmp_path), "train.progress=false", *OFF]) == 0
     ck = sorted((tmp_path / "checkpoints").iterdir())[-1]
     names = sorted(p.name for p in ck.iterdir())
     assert "gan_head.safetensors" not in names and "generator.safetensors" in names
