@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .config import (RecipeConfig, _plain, _value_text, apply_overrides, config_help, config_to_dict, config_to_json,
+from .config import (RECIPE_KEY, RecipeConfig, _plain, _value_text, apply_overrides, config_help, config_to_dict, config_to_json,
                      read_config_file)
 
 __all__ = ["Recipe", "main", "resolve_config", "run_training", "run_summary", "help_text", "check_resume_config",
@@ -186,11 +186,12 @@ _ABSENT = object()
 
 def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
     """``["key: old -> new", ...]`` between two nested config dicts (keys in either), skipping
-    :data:`RESUME_FREE_KEYS` (an entry ending in ``.`` is a whole section)."""
+    :data:`RESUME_FREE_KEYS` (an entry ending in ``.`` is a whole section) and a saved config's top-level
+    :data:`~dmd2.train.config.RECIPE_KEY` (the recipe's module, not a config key)."""
     out = []
     for k in [*old, *(k for k in new if k not in old)]:
         key = prefix + str(k)
-        if key in RESUME_FREE_KEYS or any(f.endswith(".") and key.startswith(f) for f in RESUME_FREE_KEYS):
+        if key == RECIPE_KEY or key in RESUME_FREE_KEYS or any(f.endswith(".") and key.startswith(f) for f in RESUME_FREE_KEYS):
             continue
         a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
         if isinstance(a, Mapping) and isinstance(b, Mapping):

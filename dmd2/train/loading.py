@@ -66,8 +66,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     legacy = sorted(c for c in (p / "checkpoints").glob("checkpoint-*") if _legacy(c))
     if legacy:
         return resolve_checkpoint(legacy[-1])
-    raise ValueError(f"{p}: neither a complete checkpoint folder (RUN/checkpoints/checkpoint-XXXXXXXX holding state.pt "
-                     f"and generator.safetensors) nor a run folder holding one")
+    raise ValueError(f"{p}: neither a checkpoint folder nor a run folder holding one (no RUN/checkpoints/checkpoint-XXXXXXXX "
+                     f"in it verifies)")
 
 
 def generator_state_dict(ckpt: str | os.PathLike, weights: str = "ema") -> tuple[dict[str, torch.Tensor], str]:

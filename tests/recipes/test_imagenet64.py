@@ -94,7 +94,7 @@ def test_tiny_run_folder(tiny):
     for step in (3, 6):
         files = sorted(p.name for p in ckpt(tiny, step).iterdir())
         assert files == ["config.json", "ema.safetensors", "fake_score.safetensors", "gan_head.safetensors",
-                         "generator.safetensors", "state.pt"]
+                         "generator.safetensors", "manifest.json", "state.pt"]
     logs = [json.loads(l) for l in (tiny / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == [2, 4, 6]
     for key in ("loss_fake", "loss_gan_d", "loss_critic"):
@@ -186,7 +186,7 @@ def test_load_generator_is_one_generator_call_at_sigma_80(tiny):
     assert two.num_steps == 2 and two.timesteps[0] == 80.0
     with pytest.raises(ValueError, match=r"noise must be \(B, 3, 16, 16\)"):
         gen(torch.zeros(2, 3, 8, 8), labels[:2])
-    with pytest.raises(ValueError, match="neither a complete checkpoint folder"):
+    with pytest.raises(ValueError, match="neither a checkpoint folder nor a run folder"):
         load_generator(tiny / "checkpoints")
 
 

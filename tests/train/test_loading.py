@@ -17,8 +17,8 @@ from dmd2.train import checkpoint as ckpt
 from train_helpers import run_inprocess
 
 
-def _run(recipe, out, *argv):
-    assert main(recipe, ["--preset", "tiny", "--out", str(out), "train.progress=false", "train.sample_every=0", *argv]) == 0
+def _run(recipe, out, *argv, rc=0):
+    assert main(recipe, ["--preset", "tiny", "--out", str(out), "train.progress=false", "train.sample_every=0", *argv]) == rc
     return out
 
 
@@ -32,8 +32,10 @@ def runs(tmp_path_factory):
 
 
 def _to_old_format(src, dst):
-    """A copy of checkpoint ``src`` as written before this layout: EMA buffers under ``buffer::``, no recipe key."""
+    """A copy of checkpoint ``src`` as written before this layout: EMA buffers under ``buffer::``, no recipe key, and
+    (older still) no manifest."""
     shutil.copytree(src, dst)
+    (dst / "manifest.json").unlink()
     net_buffers = set(load_file(str(src / "generator.safetensors"))) - set(_param_names(src))
     ema = load_file(str(src / "ema.safetensors"))
     save_file({(f"buffer::{k}" if k in net_buffers else k): v for k, v in ema.items()}, str(dst / "ema.safetensors"))
@@ -124,7 +126,7 @@ def test_resolve_checkpoint(tmp_path):
     shutil.copytree(ckpt.checkpoint_path(out, 8), tmp)
     assert resolve_checkpoint(out) == ckpt.checkpoint_path(out, 8)
     for bad in (out / "checkpoints", tmp_path):
-        with pytest.raises(ValueError, match="neither a complete checkpoint folder"):
+        with pytest.raises(ValueError, match="neither a checkpoint folder nor a run folder"):
             resolve_checkpoint(bad)
 
 
@@ -159,7 +161,7 @@ def test_after_train_runs_only_when_the_run_completed(tmp_path):
     assert len(calls) == 1 and calls[0].completed and calls[0].step == 4
     assert calls[0].checkpoint == ckpt.checkpoint_path(tmp_path / "done", 4)
     calls.clear()
-    _run(_recording_recipe(calls, sigterm_at=3), tmp_path / "stopped", "train.max_steps=20")
+    _run(_recording_recipe(calls, sigterm_at=3), tmp_path / "stopped", "train.max_steps=20", rc=128 + signal.SIGTERM)
     stopped = ckpt.latest_checkpoint(tmp_path / "stopped")
     assert stopped is not None and stopped.name < "checkpoint-00000020"  # SIGTERM: a checkpoint, then an early return
     assert calls == []
