@@ -134,8 +134,18 @@ def _load(cls, path: str, subfolder: str, local_only: bool, **kw):
                          f"{str(e).splitlines()[0] if str(e) else ''}.{hint}") from e
 
 
+class _UNetConfig:
+    """``from_pretrained`` that reads only the UNet's ``config.json`` (for :func:`_load`'s error handling)."""
+
+    @staticmethod
+    def from_pretrained(path, subfolder, local_files_only):
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.load_config(path, subfolder=subfolder, local_files_only=local_files_only)
+
+
 def load_sdxl(path: str | Path, dtype: torch.dtype = torch.float32, local_files_only: bool = False,
-              components: Sequence[str] = tuple(SUBFOLDERS)) -> SDXLParts:
+              components: Sequence[str] = tuple(SUBFOLDERS), meta_unet: bool = False) -> SDXLParts:
     """Load SDXL's components from a hub id or a local diffusers folder.
 
     Args:
@@ -144,6 +154,8 @@ def load_sdxl(path: str | Path, dtype: torch.dtype = torch.float32, local_files_
         dtype: dtype of the UNet, VAE and text encoders.
         local_files_only: never download (also implied by ``HF_HUB_OFFLINE=1``).
         components: which components to load (the others are ``None``).
+        meta_unet: build the UNet from its config on the meta device (no weights read, no memory): for the FSDP2
+            ranks that receive their shards from rank 0 (:func:`dmd2.train.distributed.wrap_trained`).
 
     Raises ``ValueError`` naming the missing path when a local folder lacks a subfolder, or when a hub id cannot
     be resolved (offline, not cached, or no network).
@@ -177,8 +189,13 @@ def load_sdxl(path: str | Path, dtype: torch.dtype = torch.float32, local_files_
             out[name] = None
             continue
         kw = {} if name.startswith("tokenizer") else {"dtype": dtype}
+        if name == "unet" and meta_unet:
+            config = _load(_UNetConfig, path, SUBFOLDERS[name], local_only)
+            with torch.device("meta"):
+                out[name] = UNet2DConditionModel.from_config(config).to(dtype)
+            continue
         out[name] = _load(classes[name], path, SUBFOLDERS[name], local_only, **kw)
-    if not looks_local and out["unet"] is not None:
+    if not looks_local and "unet" in components:
         try:  # the scheduler config of a cached hub model
             from huggingface_hub import hf_hub_download
 

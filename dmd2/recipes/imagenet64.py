@@ -212,17 +212,21 @@ def _open_data(cfg: ImageNet64Config):
     return ds
 
 
-def _load_teacher(cfg: ImageNet64Config) -> nn.Module:
+def _load_teacher(cfg: ImageNet64Config, meta: bool = False) -> nn.Module:
+    """The frozen teacher; ``meta``: its skeleton on the meta device, no weights read (FSDP2 ranks > 0, which
+    receive their shards from rank 0)."""
     t, m = cfg.teacher, cfg.model
     arch = dataclasses.replace(m, dropout=0.0).adm()
-    if t.random:
-        if t.path:
-            raise ValueError("set either teacher.path or teacher.random=true, not both")
+    if t.random and t.path:
+        raise ValueError("set either teacher.path or teacher.random=true, not both")
+    if not t.random and not t.path:
+        raise ValueError("teacher.path is required: EDM's edm-imagenet-64x64-cond-adm.pkl or its converted "
+                         ".safetensors (python -m dmd2.models.convert_edm IN.pkl OUT.safetensors)")
+    if meta:
+        net = build_edm_adm(arch, sigma_data=m.sigma_data, device="meta")
+    elif t.random:
         net = build_edm_adm(arch, sigma_data=m.sigma_data)
     else:
-        if not t.path:
-            raise ValueError("teacher.path is required: EDM's edm-imagenet-64x64-cond-adm.pkl or its converted "
-                             ".safetensors (python -m dmd2.models.convert_edm IN.pkl OUT.safetensors)")
         from ..models.edm_pickle import load_edm_adm
 
         net = load_edm_adm(t.path, config=arch, sigma_data=m.sigma_data)
@@ -236,20 +240,20 @@ def _blocks(denoiser: nn.Module) -> list[nn.Module]:
 
 
 def _load_init(cfg: ImageNet64Config, gen: nn.Module, fake: nn.Module, head: nn.Module | None) -> None:
-    from safetensors.torch import load_file
-
     from ..train import resolve_checkpoint
+    from ..train.checkpoint import read_weights
 
     path = resolve_checkpoint(cfg.init.checkpoint)
-    for name, module in (("generator", gen), ("fake_score", fake), ("gan_head", head)):
-        f = path / f"{name}.safetensors"
+    modules = {"generator": gen, "fake_score": fake, "gan_head": head}
+    weights = read_weights(path, [n for n, m in modules.items() if m is not None])
+    for name, module in modules.items():
         if module is None:
             continue
-        if not f.is_file():
+        if name not in weights:
             if name == "gan_head":
                 continue  # e.g. resuming a no-GAN run with a GAN: the head starts fresh
-            raise ValueError(f"init.checkpoint={path}: missing {f.name} (expected a checkpoint folder of this recipe)")
-        module.load_state_dict(load_file(str(f)), strict=True)
+            raise ValueError(f"init.checkpoint={path}: missing {name} weights (expected a checkpoint folder of this recipe)")
+        module.load_state_dict(weights[name], strict=True)
 
 
 def build(cfg: ImageNet64Config, info=None) -> Components:
@@ -258,7 +262,8 @@ def build(cfg: ImageNet64Config, info=None) -> Components:
     schedule = EDMSchedule(sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=m.sigma_data)
     sampler = BackwardSimulationSampler(schedule, cfg.sampler.grid(lambda n: student_grid(n, schedule)))
     dataset = _open_data(cfg)
-    teacher = _load_teacher(cfg)
+    loads = info is None or info.loads_weights  # under FSDP2 only rank 0 reads weights (DistInfo.loads_weights)
+    teacher = _load_teacher(cfg, meta=not loads)
     generator = copy.deepcopy(teacher).float().requires_grad_(True).train()
     if m.dropout:
         for mod in generator.modules():
@@ -266,7 +271,7 @@ def build(cfg: ImageNet64Config, info=None) -> Components:
                 mod.dropout = m.dropout
     fake_score = copy.deepcopy(generator)
     head = gan_head(cfg, [fake_score.model.bottleneck_channels])
-    if cfg.init.checkpoint:
+    if cfg.init.checkpoint and loads:
         _load_init(cfg, generator, fake_score, head)
     world = getattr(info, "world_size", 1)
     batches = IndexedBatches(dataset, shards=world * cfg.train.grad_accum, batch=cfg.train.batch_size, seed=cfg.data.seed)

@@ -282,11 +282,14 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     else:
         raise ValueError("data.prompts is empty; expected a .txt / .jsonl / .parquet file of prompts, or 'real' (the "
                          "captions of data.real)")
-    parts = load_sdxl(base_path(cfg), torch.float32, m.local_files_only)
+    # under FSDP2 only rank 0 reads the UNet's weights; the others build it on the meta device and receive their
+    # shards from rank 0 when the trainer wraps the networks (host memory per rank: the shards, not three UNets)
+    receives = info is not None and not info.loads_weights
+    parts = load_sdxl(base_path(cfg), torch.float32, m.local_files_only, meta_unet=receives)
     frozen = DTYPES[m.frozen_dtype]
     nets = build_networks(parts.unet, parts.schedule, parts.prediction_type, m.memory_mode, m.lora_rank, m.lora_alpha,
                           m.lora_targets, frozen).to(device)
-    if init is not None:
+    if init is not None and not receives:  # the other ranks receive the warm start from rank 0 too
         load_generator_init(nets.generator, init)
     text = DTYPES[m.text_encoder_dtype]
     for module, dtype in ((parts.text_encoder, text), (parts.text_encoder_2, text), (parts.vae, DTYPES[m.vae_dtype])):

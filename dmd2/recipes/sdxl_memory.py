@@ -17,6 +17,20 @@ r"""Memory plan of SDXL DMD2 training per memory mode, from a meta-device build 
   The critic update keeps three fake-score forwards alive at once (denoising loss, GAN on fakes, GAN on reals), the
   generator update two (generator + fake score for the GAN term), so the peak is **3 forwards**. Norm layers under
   autocast keep fp32 outputs and the allocator adds fragmentation: read the activations as an estimate (+-30%).
+
+Host memory (RAM) per rank, for the run each mode is made for: ``full`` under FSDP2 on ``world`` ranks, the LoRA
+modes as one process (DDP ranks each hold the same). N = UNet parameters, G / C = trained generator / critic
+parameters, T + V = text encoders + VAE:
+
+* **load**: a rank that reads the weights holds the fp32 UNet as loaded, its fp32 trained copies (``full``: two,
+  12 N bytes; ``lora``: the fake score, 8 N; ``shared-base``: 4 N) and the text encoders + VAE in fp32 (4 (T + V));
+  under FSDP2 only rank 0 reads (:attr:`~dmd2.train.distributed.DistInfo.loads_weights`), the other ranks build the
+  UNets on the meta device and receive their shards on the GPU: 4 (T + V).
+* **checkpoint**: ``sharded`` (the FSDP2 default) writes each rank's shards of the fp32 weights and AdamW moments:
+  12 (G + C) / world; ``full`` gathers them all on rank 0 and copies the file being written:
+  12 (G + C) + 4 max(G, C).
+* **resume**: ``sharded`` reads each rank's pieces, 12 (G + C) / world; ``full`` reads the whole checkpoint on every
+  rank, 12 (G + C). (No EMA: the paper preset keeps none; an EMA adds 4 G, or 4 G / world sharded.)
 """
 from __future__ import annotations
 
@@ -165,10 +179,29 @@ def _frozen_extras() -> dict[str, int]:
     return {"text_encoders": _count(te1) + _count(te2), "vae": _count(vae)}
 
 
+def host_memory(unet_params: int, gen: int, critic: int, loaded_copies: int, text_vae_params: int, world: int) -> dict:
+    """Host bytes per rank at load, checkpoint and resume (module docstring); ``loaded_copies``: fp32 UNet-sized
+    tensors a reading rank holds at the peak of the build (3 for ``full``), ``world``: ranks sharding the trained
+    networks (1: unsharded)."""
+    extras = 4 * text_vae_params
+    trained = 12 * (gen + critic)  # fp32 weights + two fp32 AdamW moments
+    return {
+        "world": world,
+        "load_rank0": 4 * loaded_copies * unet_params + extras,
+        "load_other_ranks": extras if world > 1 else 4 * loaded_copies * unet_params + extras,
+        "checkpoint_sharded": trained // world,
+        "checkpoint_full_rank0": trained + 4 * max(gen, critic),
+        "resume_sharded": trained // world,
+        "resume_full": trained,
+    }
+
+
 def memory_plan(gan: GANConfig, batch: int = 2, resolution: int = 1024, lora_rank: int = 64,
-                targets: Sequence[str] = DEFAULT_LORA_TARGETS, forwards_alive: int = 3, text_encoder_bytes: int = 4) -> dict:
+                targets: Sequence[str] = DEFAULT_LORA_TARGETS, forwards_alive: int = 3, text_encoder_bytes: int = 4,
+                world: int = 64, ranks_per_node: int = 8) -> dict:
     """Bytes per GPU for each memory mode (module docstring) with the GAN head ``gan`` (a run's ``cfg.gan``);
-    ``forwards_alive`` UNet forwards' activations at once."""
+    ``forwards_alive`` UNet forwards' activations at once; host bytes per rank with ``full`` sharded over ``world``
+    ranks, ``ranks_per_node`` to a host."""
     from ..core import GANHead
 
     unet = sdxl_unet_meta(torch.bfloat16)
@@ -181,15 +214,16 @@ def memory_plan(gan: GANConfig, batch: int = 2, resolution: int = 1024, lora_ran
     extras = _frozen_extras()
     other = text_encoder_bytes * extras["text_encoders"] + 4 * extras["vae"]
     modes = {
-        # (frozen params, generator trained, critic trained)
-        "full": (n, n, n + head),
-        "lora": (2 * n, lora, n + head),
-        "shared-base": (n, lora, lora + head),
+        # (frozen params, generator trained, critic trained, fp32 UNet copies at the build's peak, ranks sharding)
+        "full": (n, n, n + head, 3, world),
+        "lora": (2 * n, lora, n + head, 2, 1),
+        "shared-base": (n, lora, lora + head, 1, 1),
     }
     out = {"unet_params": n, "lora_params": lora, "gan_head_params": head, "batch": batch, "resolution": resolution,
            "lora_rank": lora_rank, "text_encoder_params": extras["text_encoders"], "vae_params": extras["vae"],
-           "activations_per_forward": act, "forwards_alive": forwards_alive, "modes": {}}
-    for mode, (frozen, gen, critic) in modes.items():
+           "activations_per_forward": act, "forwards_alive": forwards_alive, "world": world,
+           "ranks_per_node": ranks_per_node, "modes": {}}
+    for mode, (frozen, gen, critic, copies, ranks) in modes.items():
         weights = 2 * frozen + 4 * (gen + critic)
         grads = 4 * max(gen, critic)
         adam = 8 * (gen + critic)
@@ -199,6 +233,7 @@ def memory_plan(gan: GANConfig, batch: int = 2, resolution: int = 1024, lora_ran
             "ema_fp32": 4 * gen, "activations_checkpointed": a_ckpt, "activations_full": a_full,
             "total_checkpointed": weights + grads + adam + other + a_ckpt,
             "total_full": weights + grads + adam + other + a_full,
+            "host": host_memory(n, gen, critic, copies, extras["text_encoders"] + extras["vae"], ranks),
         }
     return out
 
@@ -213,14 +248,23 @@ def memory_table(plan: dict) -> str:
         f"({g(plan['activations_per_forward']['checkpointed'])} GB with gradient checkpointing), "
         f"{plan['forwards_alive']} forwards alive at the peak.",
         "",
-        "| mode | trained params | weights | grads | AdamW | text enc. + VAE | activations (ckpt) | total (ckpt) | total (no ckpt) | + EMA |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | trained params | weights | grads | AdamW | text enc. + VAE | activations (ckpt) | total (ckpt) | total (no ckpt) | + EMA "
+        "| host/rank at load (rank 0 / others) | host/rank at checkpoint: sharded (full, rank 0) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mode, r in plan["modes"].items():
+        h = r["host"]
         rows.append(f"| `{mode}` | {r['trained_params'] / 1e6:,.0f} M | {g(r['weights'])} | {g(r['grads'])} | {g(r['adam'])} | "
                     f"{g(r['text_encoders_vae'])} | {g(r['activations_checkpointed'])} | **{g(r['total_checkpointed'])}** | "
-                    f"{g(r['total_full'])} | {g(r['ema_fp32'])} |")
+                    f"{g(r['total_full'])} | {g(r['ema_fp32'])} | {g(h['load_rank0'])} / {g(h['load_other_ranks'])} | "
+                    f"{g(h['checkpoint_sharded'])} ({g(h['checkpoint_full_rank0'])}) |")
     rows.append("")
     rows.append("GB = 1e9 bytes, per GPU without sharding; FSDP2 (`full` mode under torchrun) divides weights, grads "
                 "and AdamW by the number of GPUs.")
+    h, w, k = plan["modes"]["full"]["host"], plan["world"], plan["ranks_per_node"]
+    rows.append(f"Host RAM per rank: `full` sharded over {w} ranks, the LoRA modes as one process. `full` at {w} "
+                f"ranks ({w // k} nodes x {k}): a node holds {g(h['load_rank0'] + (k - 1) * h['load_other_ranks'])} GB "
+                f"at load on rank 0's node and {g(k * h['load_other_ranks'])} GB on the others "
+                f"(every rank reading the weights: {g(k * h['load_rank0'])} GB); a resume reads "
+                f"{g(h['resume_sharded'])} GB per rank sharded, {g(h['resume_full'])} GB per rank from a `full` checkpoint.")
     return "\n".join(rows)

@@ -30,6 +30,8 @@ A recipe is a preset table plus a builder::
   exact resume, NaN/inf stop).
 * :mod:`dmd2.train.distributed` - torchrun, DDP, FSDP2 (``fully_shard``), requires_grad toggling safe under FSDP2.
 * :mod:`dmd2.train.checkpoint` - the run-folder layout, write-then-rename, keep-last-K, ``--resume auto``.
+* :mod:`dmd2.train.sharded` - ``train.checkpoint_format=sharded``: every rank writes its shards
+  (torch.distributed.checkpoint), resumable on any number of ranks, consolidated on one process for export.
 * :mod:`dmd2.train.loading` - :func:`load_generator` (any recipe's checkpoint or run folder -> a ready
   :class:`Student`), :func:`resolve_checkpoint`.
 * :mod:`dmd2.train.monitor` - tqdm, ``log.jsonl``, PNG sample grids.

@@ -3,18 +3,26 @@
     OUT/.lock                                   held (flock) by the run's rank 0 for the run's life
     OUT/checkpoints/checkpoint-00000200/{generator,fake_score,gan_head,ema}.safetensors  state.pt  config.json
                                         manifest.json
+    OUT/checkpoints/checkpoint-00000200/sharded/{.metadata,__0_0.distcp,...}  state.pt  config.json  manifest.json
 
 The number is the count of completed iterations. A checkpoint is written to ``checkpoint-XXXXXXXX.tmp/``; its
 ``manifest.json`` (every other file's name, size in bytes and SHA-256) is written last, then the folder is renamed.
 The one completeness rule, :func:`verify_checkpoint`: a checkpoint is trusted only when its manifest parses, lists
-``state.pt``, ``generator.safetensors`` and ``fake_score.safetensors``, and every listed file exists with the listed
-size (and checksum). Pruning (``keep_last``) renames a folder to ``*.trash`` before deleting it, so a kill leaves
-either a whole checkpoint or a ``.trash`` / ``.tmp`` folder, which :func:`remove_stale` deletes when the next run
-starts. At load, every floating-point tensor (weights and ``state.pt``) must be finite.
+``state.pt`` and the weights (``generator.safetensors``, or ``sharded/.metadata``), and every listed file exists
+with the listed size (and checksum). Pruning (``keep_last``) renames a folder to ``*.trash`` before deleting it, so
+a kill leaves either a whole checkpoint or a ``.trash`` / ``.tmp`` folder, which :func:`remove_stale` deletes when
+the next run starts. At load, every floating-point tensor (weights and ``state.pt``) must be finite.
 
-Weights are full (unsharded) fp32/bf16 tensors keyed by parameter name: a run resumes on any number of ranks.
-``state.pt`` (optimizers keyed by parameter name, critic scheduler, RNG states, step, log accumulators) loads with
-``torch.load(..., weights_only=True)``. Files get the process's normal mode (``0666 & ~umask``).
+Two formats (``train.checkpoint_format``), both resumable on any number of ranks:
+
+* ``full``: weights are full (unsharded) fp32/bf16 tensors keyed by parameter name, gathered on rank 0;
+  ``state.pt`` (optimizers keyed by parameter name, critic scheduler, RNG states, step, log accumulators) loads
+  with ``torch.load(..., weights_only=True)``.
+* ``sharded``: ``sharded/`` instead of the ``.safetensors`` files, a torch.distributed.checkpoint folder that every
+  rank writes its own shards into (weights and optimizer moments); ``state.pt`` keeps the rest
+  (:mod:`dmd2.train.sharded`). The manifest lists the shard files as ``sharded/NAME``.
+
+:func:`read_checkpoint` reads either on one process. Files get the process's normal mode (``0666 & ~umask``).
 """
 from __future__ import annotations
 
@@ -27,26 +35,47 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CHECKPOINT_NAMES", "MANIFEST", "RunFolderLocked", "CheckpointWriteError", "checkpoint_path", "verify_checkpoint",
-           "list_checkpoints", "latest_checkpoint", "resolve_resume", "remove_stale", "hold_run_folder",
-           "write_manifest", "write_checkpoint", "read_checkpoint", "load_weights"]
+__all__ = ["CHECKPOINT_NAMES", "MANIFEST", "RunFolderLocked", "CheckpointWriteError", "checkpoint_path",
+           "tmp_checkpoint_path", "verify_checkpoint", "is_complete", "list_checkpoints", "latest_checkpoint",
+           "resolve_resume", "remove_stale", "hold_run_folder", "write_manifest", "begin_checkpoint",
+           "commit_checkpoint", "write_checkpoint", "read_weights", "read_checkpoint", "load_weights"]
 
 #: the weight files a checkpoint may hold (``gan_head`` / ``ema`` only when the run has them)
 CHECKPOINT_NAMES = ("generator", "fake_score", "gan_head", "ema")
 #: the manifest's file name (written last inside the ``.tmp`` folder)
 MANIFEST = "manifest.json"
-_REQUIRED = ("state.pt", "generator.safetensors", "fake_score.safetensors")
+# a DMD2 run also needs fake_score (Trainer.load names it when missing); an ode-pretrain checkpoint holds no fake score
+_REQUIRED = ("state.pt", "generator.safetensors")
+_REQUIRED_SHARDED = ("state.pt", "sharded/.metadata")
+_SUBFOLDER = "sharded"  # dmd2.train.sharded.SHARDED_DIR: the one folder a checkpoint may hold
 _PATTERN = re.compile(r"^checkpoint-(\d{8})$")
 _STALE = re.compile(r"^checkpoint-\d{8}\.(tmp|trash)$")
 
 
 def checkpoint_path(out: str | Path, step: int) -> Path:
     return Path(out) / "checkpoints" / f"checkpoint-{step:08d}"
+
+
+def tmp_checkpoint_path(out: str | Path, step: int) -> Path:
+    """Where checkpoint ``step`` is written before the rename: ``checkpoint-{step:08d}.tmp``."""
+    final = checkpoint_path(out, step)
+    return final.with_name(final.name + ".tmp")
+
+
+def _files(folder: Path) -> list[str]:
+    """The files of a checkpoint folder as manifest names: top-level files, and ``sharded/NAME``."""
+    names = [f.name for f in folder.iterdir() if f.name != MANIFEST and f.name != _SUBFOLDER]
+    sub = folder / _SUBFOLDER
+    if sub.is_dir():
+        names += [f"{_SUBFOLDER}/{f.name}" for f in sub.iterdir()]
+    elif sub.exists():
+        names.append(_SUBFOLDER)
+    return sorted(names)
 
 
 def _sha256(path: Path) -> str:
@@ -72,21 +101,32 @@ def verify_checkpoint(path: str | Path, checksums: bool = True) -> None:
         entries = {str(n): (int(e["size"]), str(e["sha256"])) for n, e in files.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{man}: unreadable manifest ({type(e).__name__}: {e})") from None
-    missing = [n for n in _REQUIRED if n not in entries]
+    required = _REQUIRED_SHARDED if f"{_SUBFOLDER}/.metadata" in entries else _REQUIRED
+    missing = [n for n in required if n not in entries]
     if missing:
         raise ValueError(f"{man}: does not list {', '.join(missing)}")
-    extra = sorted(f.name for f in path.iterdir() if f.name != MANIFEST and f.name not in entries)
+    extra = [n for n in _files(path) if n not in entries]
     if extra:
         raise ValueError(f"{path}: {', '.join(extra)} not listed in {MANIFEST}")
     for name, (size, digest) in entries.items():
         f = path / name
-        if "/" in name or name.startswith(".") or not f.is_file():
+        top, _, rest = name.rpartition("/")
+        if top not in ("", _SUBFOLDER) or (not top and rest.startswith(".")) or not f.is_file():
             raise ValueError(f"{f}: listed in {MANIFEST} but missing")
         actual = f.stat().st_size
         if actual != size:
             raise ValueError(f"{f}: {actual} bytes, the manifest says {size} (truncated or rewritten)")
         if checksums and _sha256(f) != digest:
             raise ValueError(f"{f}: SHA-256 differs from the manifest (corrupt or rewritten)")
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint folder whose manifest and file sizes verify (no checksums read)."""
+    try:
+        verify_checkpoint(path, checksums=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _candidates(out: str | Path) -> list[tuple[int, Path]]:
@@ -248,48 +288,55 @@ def write_manifest(folder: str | Path, step: int, world_size: int) -> None:
     folder = Path(folder)
     mode = 0o666 & ~_umask()
     files = {}
-    for f in sorted(folder.iterdir()):
-        if f.name == MANIFEST:
-            continue
+    for name in _files(folder):
+        f = folder / name
         os.chmod(f, mode)  # safetensors creates its files 0600
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-        files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        files[name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    if (folder / _SUBFOLDER).is_dir():
+        _fsync_dir(folder / _SUBFOLDER)
     with open(folder / MANIFEST, "w") as fh:
         fh.write(json.dumps({"step": step, "world_size": world_size, "files": files}, indent=1))
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def write_checkpoint(out: str | Path, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict,
-                     config_json: str, keep_last: int = 0) -> Path:
-    """Write one checkpoint (call on rank 0 only, holding :func:`hold_run_folder`) and drop all but the newest
-    ``keep_last`` (0 keeps all).
-
-    ``weights``: file name (one of :data:`CHECKPOINT_NAMES`) -> flat state dict of CPU tensors. Order: every file into
-    ``checkpoint-XXXXXXXX.tmp/``, fsync, ``manifest.json`` last, fsync, rename, fsync the parent.
-    """
-    unknown = set(weights) - set(CHECKPOINT_NAMES)
-    if unknown:
-        raise ValueError(f"write_checkpoint: unknown weight files {sorted(unknown)}; expected among {CHECKPOINT_NAMES}")
-    final = checkpoint_path(out, step)
-    tmp = final.with_name(final.name + ".tmp")
+def begin_checkpoint(out: str | Path, step: int) -> Path:
+    """A fresh, empty ``checkpoint-{step:08d}.tmp/`` (one left over from an interrupted write is removed); rank 0
+    only, before the weights are written into it (by rank 0, or by every rank for ``sharded``)."""
+    tmp = tmp_checkpoint_path(out, step)
     if tmp.exists():
-        shutil.rmtree(tmp)  # left over from an interrupted write
+        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    return tmp
+
+
+@contextlib.contextmanager
+def _writing(tmp: Path, step: int) -> Iterator[None]:
+    """A failed write (a full disk, a quota, an I/O error: torch and safetensors word these obscurely) removes the
+    ``.tmp`` folder and raises :class:`CheckpointWriteError` naming it."""
     try:
-        for name, sd in weights.items():
-            save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        (tmp / "config.json").write_text(config_json)
-        write_manifest(tmp, step, state.get("world_size", 1))
-    except Exception as e:  # a full disk, a quota, an I/O error: torch and safetensors word these obscurely
+        yield
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(tmp.parent).free
         why = (str(e).splitlines() or [""])[0]
         raise CheckpointWriteError(f"{tmp}: could not write checkpoint {step} ({type(e).__name__}: {why}); "
                                    f"{free / 2**20:.1f} MiB free on that disk; earlier checkpoints are untouched, "
                                    f"resume with --resume auto once there is room") from e
+
+
+def commit_checkpoint(out: str | Path, step: int, state: dict, config_json: str, keep_last: int = 0) -> Path:
+    """Finish the ``.tmp`` folder of :func:`begin_checkpoint` once its weights are written (rank 0 only, holding
+    :func:`hold_run_folder`): ``state.pt``, ``config.json``, fsync, ``manifest.json`` last (it covers every file,
+    ``sharded/`` included), fsync, rename, fsync the parent; then drop all but the newest ``keep_last``
+    (0 keeps all)."""
+    final, tmp = checkpoint_path(out, step), tmp_checkpoint_path(out, step)
+    with _writing(tmp, step):
+        torch.save(state, tmp / "state.pt")
+        (tmp / "config.json").write_text(config_json)
+        write_manifest(tmp, step, state.get("world_size", 1))
     if final.exists():
         _discard(final)
     _finalize(tmp, final)
@@ -298,6 +345,24 @@ def write_checkpoint(out: str | Path, step: int, weights: dict[str, dict[str, to
         for _, old in list_checkpoints(out)[:-keep_last]:
             _discard(old)
     return final
+
+
+def write_checkpoint(out: str | Path, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict,
+                     config_json: str, keep_last: int = 0) -> Path:
+    """Write one ``full`` checkpoint (call on rank 0 only, holding :func:`hold_run_folder`) and drop all but the
+    newest ``keep_last`` (0 keeps all).
+
+    ``weights``: file name (one of :data:`CHECKPOINT_NAMES`) -> flat state dict of CPU tensors. Order: every file into
+    ``checkpoint-XXXXXXXX.tmp/``, fsync, ``manifest.json`` last, fsync, rename, fsync the parent.
+    """
+    unknown = set(weights) - set(CHECKPOINT_NAMES)
+    if unknown:
+        raise ValueError(f"write_checkpoint: unknown weight files {sorted(unknown)}; expected among {CHECKPOINT_NAMES}")
+    tmp = begin_checkpoint(out, step)
+    with _writing(tmp, step):
+        for name, sd in weights.items():
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, str(tmp / f"{name}.safetensors"))
+    return commit_checkpoint(out, step, state, config_json, keep_last)
 
 
 def _check_finite(tree, file: Path, where: str = "") -> None:
@@ -325,23 +390,47 @@ def load_weights(file: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
-    """``(weights, state, config)`` of a checkpoint folder that verifies (:func:`verify_checkpoint`); ``state.pt`` is
-    read with ``weights_only=True``. ``ValueError`` names the file (and tensor) when it does not verify, does not
-    parse, or holds a non-finite floating-point value."""
+def read_weights(path: str | Path, names: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The weight files ``names`` (among :data:`CHECKPOINT_NAMES`) of a checkpoint folder of either format, those it
+    has, as full CPU tensors, on one process; only those are read (a ``sharded`` one reads no other piece)."""
+    from .sharded import is_sharded, read_sharded
+
+    path = Path(path)
+    if is_sharded(path):
+        return read_sharded(path, names=names, optimizers=False)[0]
+    return {n: load_weights(path / f"{n}.safetensors") for n in names if (path / f"{n}.safetensors").is_file()}
+
+
+def read_checkpoint(path: str | Path, optimizers: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
+    """``(weights, state, config)`` of a checkpoint folder of either format that verifies (:func:`verify_checkpoint`),
+    on one process; ``state.pt`` is read with ``weights_only=True``. ``ValueError`` names the file (and tensor) when
+    it does not verify, does not parse, or holds a non-finite floating-point value.
+
+    A ``sharded`` checkpoint is consolidated (full tensors); its ``state["optimizers"]`` then has the ``full``
+    format's layout (``{"state": {name: {...}}, "param_groups": [...]}``), or only ``param_groups`` when
+    ``optimizers=False`` (export: the moments are never read).
+    """
+    from .sharded import is_sharded, read_sharded
+
     path = Path(path)
     verify_checkpoint(path)
     weights, state = {}, None
-    for n in CHECKPOINT_NAMES:
-        f = path / f"{n}.safetensors"
-        if f.is_file():
-            weights[n] = load_weights(f)
-            _check_finite(weights[n], f)
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors, or a global weights_only refuses
         raise ValueError(f"{path / 'state.pt'}: not loadable with torch.load(weights_only=True) "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if is_sharded(path):
+        weights, moments = read_sharded(path, optimizers=optimizers)
+        for name, sd in weights.items():
+            _check_finite(sd, path / _SUBFOLDER, name)
+        for name, st in moments.items():
+            state["optimizers"][name]["state"] = st
+    for n in CHECKPOINT_NAMES:
+        f = path / f"{n}.safetensors"
+        if f.is_file():
+            weights[n] = load_weights(f)
+            _check_finite(weights[n], f)
     _check_finite(state, path / "state.pt")
     cfg_file = path / "config.json"
     try:

@@ -178,7 +178,8 @@ def resolve_config(recipe: Recipe, preset: str | None = None, overrides: Sequenc
 #: reports, how it is launched (a checkpoint resumes on any number of ranks); every other key changes the run itself
 RESUME_FREE_KEYS = ("train.max_steps", "train.out", "train.resume", "train.progress", "train.checkpoint_every",
                     "train.keep_last", "train.log_every", "train.sample_every", "train.device", "train.distributed",
-                    "train.grad_checkpointing", "train.loggers", "train.origin", "eval.")
+                    "train.grad_checkpointing", "train.loggers", "train.checkpoint_format", "train.origin", "eval.",
+                    "recipe")  # config.json's recipe module name (not a config key)
 
 
 _ABSENT = object()
@@ -186,12 +187,11 @@ _ABSENT = object()
 
 def config_diff(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
     """``["key: old -> new", ...]`` between two nested config dicts (keys in either), skipping
-    :data:`RESUME_FREE_KEYS` (an entry ending in ``.`` is a whole section) and a saved config's top-level
-    :data:`~dmd2.train.config.RECIPE_KEY` (the recipe's module, not a config key)."""
+    :data:`RESUME_FREE_KEYS` (an entry ending in ``.`` is a whole section)."""
     out = []
     for k in [*old, *(k for k in new if k not in old)]:
         key = prefix + str(k)
-        if key == RECIPE_KEY or key in RESUME_FREE_KEYS or any(f.endswith(".") and key.startswith(f) for f in RESUME_FREE_KEYS):
+        if key in RESUME_FREE_KEYS or any(f.endswith(".") and key.startswith(f) for f in RESUME_FREE_KEYS):
             continue
         a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
@@ -214,6 +214,7 @@ def check_resume_config(cfg: RecipeConfig, checkpoint: Path, world_size: int = 1
         old_world = int(json.loads((checkpoint / MANIFEST).read_text()).get("world_size", 1))
     except (OSError, ValueError) as e:
         raise ValueError(f"{saved}: cannot read the checkpoint's config ({e})") from None
+    old.pop(RECIPE_KEY, None)  # the recipe's module name beside the sections, not a config key
     new = config_to_dict(cfg)
     if old.get("train", {}).get("grad_accum", 1) * old_world == cfg.train.grad_accum * world_size:
         new = {**new, "train": {**new["train"], "grad_accum": old["train"]["grad_accum"]}}

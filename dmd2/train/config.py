@@ -31,6 +31,7 @@ __all__ = [
 
 MIXED_PRECISION = ("no", "bf16")
 DISTRIBUTED = ("none", "ddp", "fsdp2")
+CHECKPOINT_FORMATS = ("auto", "sharded", "full")
 LOGGERS = ("tensorboard", "wandb")
 
 
@@ -50,6 +51,9 @@ class TrainConfig:
             optimizer state and gradient reduction).
         ema_decay: decay of the generator's EMA; ``None`` disables it.
         checkpoint_every, keep_last: checkpoint interval (iterations) and how many to keep (0 = all).
+        checkpoint_format: ``"sharded"`` (every rank writes its shards with torch.distributed.checkpoint, nothing is
+            gathered), ``"full"`` (full tensors gathered on rank 0, ``.safetensors``) or ``"auto"`` (``sharded`` under
+            FSDP2, ``full`` otherwise). Either resumes on any number of ranks (:mod:`dmd2.train.checkpoint`).
         log_every: log interval (iterations); loss values are means over the interval, across ranks.
         sample_every: PNG sample grid interval (0 = never; needs the recipe's ``sample_fn``).
         seed: base seed; all randomness of iteration ``s`` derives from ``(seed, s, phase, shard)``.
@@ -83,6 +87,7 @@ class TrainConfig:
     ema_decay: float | None = 0.999
     checkpoint_every: int = 1000
     keep_last: int = 3
+    checkpoint_format: str = "auto"
     log_every: int = 10
     sample_every: int = 0
     seed: int = 0
@@ -109,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"train.betas must be two values in [0, 1), got {self.betas}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise ValueError(f"train.checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {self.checkpoint_format!r}")
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"train.distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
         if self.ema_decay is not None and not (0.0 <= self.ema_decay < 1.0):

@@ -40,6 +40,13 @@ class DistInfo:
     def distributed(self) -> bool:
         return self.mode != "none"
 
+    @property
+    def loads_weights(self) -> bool:
+        """Whether this rank reads pretrained weights. Under FSDP2 only rank 0 does: a recipe may build its
+        networks on the meta device on the other ranks, and :func:`wrap_trained` / :func:`shard_frozen` send each
+        rank its shards from rank 0 (host memory per rank: its shards, not a full copy of every network)."""
+        return self.mode != "fsdp2" or self.rank == 0
+
 
 def _resolve_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
@@ -157,14 +164,55 @@ def _fsdp_lazy_init(module: nn.Module) -> None:
     module._get_fsdp_state()._lazy_init()
 
 
+def _fully_shard_from_rank0(module: nn.Module, info: DistInfo, units: Iterable[nn.Module], **fsdp_kw) -> None:
+    """FSDP2-shard ``module`` with every rank's values taken from rank 0's copy (the other ranks' copies may live
+    on the meta device: they are never read).
+
+    Rank 0 keeps its full state dict on the host and turns its module into meta tensors too; every rank applies
+    ``fully_shard`` on the meta module, allocates only its shards on ``info.device`` (``to_empty``) and receives
+    them from rank 0 (``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``: one tensor at a
+    time, sliced to the shard on arrival). Buffers outside the state dict (``persistent=False``) are broadcast
+    whole. Device memory per rank at load: its shards plus one tensor; host memory on ranks > 0: nothing of
+    ``module``'s weights.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    keys = set(module.state_dict())
+    transient = [n for n, _ in module.named_buffers() if n not in keys]  # the same names on every rank
+    full = module.state_dict() if info.is_main else {}
+    saved = {n: b.detach().clone() for n, b in module.named_buffers() if n in transient} if info.is_main else {}
+    module.to("meta")
+    for unit in units:
+        fully_shard(unit, **fsdp_kw)
+    fully_shard(module, **fsdp_kw)
+    module.to_empty(device=info.device)
+    set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for n, b in module.named_buffers():
+        if n in transient:
+            if info.is_main:
+                b.copy_(saved[n])
+            dist.broadcast(b, src=0)
+
+
 def wrap_trained(module: nn.Module, info: DistInfo, mixed_precision: str,
                  fsdp_units: Callable[[nn.Module], Iterable[nn.Module]] | None = None) -> nn.Module:
     """Move a trained network to the device and wrap it for ``info.mode``.
 
     * ``none``: the module itself; ``ddp``: :class:`~torch.nn.parallel.DistributedDataParallel` (the caller keeps
       the raw module for frozen calls); ``fsdp2``: ``fully_shard`` on each of ``fsdp_units(module)`` (e.g.
-      transformer blocks) then on the root, with ``MixedPrecisionPolicy(bf16 params, fp32 reduce)`` under bf16.
+      transformer blocks) then on the root, with ``MixedPrecisionPolicy(bf16 params, fp32 reduce)`` under bf16,
+      the values from rank 0 (:func:`_fully_shard_from_rank0`; on the other ranks ``module`` may be on meta).
     """
+    if info.mode == "fsdp2":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if not any(True for _ in module.parameters()):
+            return module.to(info.device)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" else MixedPrecisionPolicy()
+        _fully_shard_from_rank0(module, info, fsdp_units(module) if fsdp_units else (), mp_policy=mp)
+        _fsdp_lazy_init(module)
+        return module
     module.to(info.device)
     if info.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -172,32 +220,18 @@ def wrap_trained(module: nn.Module, info: DistInfo, mixed_precision: str,
         if not any(p.requires_grad for p in module.parameters()):
             return module
         return DDP(module, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    if info.mode == "fsdp2":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        if not any(True for _ in module.parameters()):
-            return module
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" else MixedPrecisionPolicy()
-        for unit in (fsdp_units(module) if fsdp_units else ()):
-            fully_shard(unit, mp_policy=mp)
-        fully_shard(module, mp_policy=mp)
-        _fsdp_lazy_init(module)
-        return module
     return module
 
 
 def shard_frozen(module: nn.Module, info: DistInfo, fsdp_units=None) -> nn.Module:
-    """The frozen teacher: no gradients, no optimizer state; sharded under FSDP2 (when it has parameters)."""
-    module.to(info.device)
+    """The frozen teacher: no gradients, no optimizer state; sharded under FSDP2 (when it has parameters), with the
+    values of rank 0 (as :func:`wrap_trained`)."""
     module.requires_grad_(False)
     module.eval()
     if info.mode == "fsdp2" and any(True for _ in module.parameters()):
-        from torch.distributed.fsdp import fully_shard
-
-        for unit in (fsdp_units(module) if fsdp_units else ()):
-            fully_shard(unit)
-        fully_shard(module)
-    return module
+        _fully_shard_from_rank0(module, info, fsdp_units(module) if fsdp_units else ())
+        return module
+    return module.to(info.device)
 
 
 def barrier(info: DistInfo) -> None:

@@ -4,7 +4,7 @@
   (completeness: :func:`dmd2.train.checkpoint.verify_checkpoint`, the rule resume uses; a checkpoint written before
   checkpoints carried a manifest is read with a warning that it could not be verified).
 * :func:`generator_state_dict` - the generator's plain state dict from ``ema.safetensors`` (read through
-  :meth:`dmd2.core.EMA.module_state_dict`, old ``buffer::`` files too) or ``generator.safetensors``.
+  :meth:`dmd2.core.EMA.module_state_dict`, old ``buffer::`` files too) or ``generator.safetensors`` (or their pieces in a sharded checkpoint's ``sharded/``).
 * :func:`load_generator` - a ready :class:`Student` (weights loaded, eval mode, frozen, on ``device``)::
 
       from dmd2.train import load_generator
@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..core import EMA, BackwardSimulationSampler
-from .checkpoint import MANIFEST, latest_checkpoint, verify_checkpoint
+from .checkpoint import MANIFEST, latest_checkpoint, read_weights, verify_checkpoint
 from .config import RECIPE_KEY, apply_overrides, config_from_dict
 
 __all__ = ["Student", "resolve_checkpoint", "generator_state_dict", "load_config", "load_generator", "WEIGHTS"]
@@ -59,15 +58,16 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         print(f"warning: {p}: no {MANIFEST} (written by an older dmd2); its files cannot be verified", file=sys.stderr)
         return p
     if not (p / "checkpoints").is_dir():
-        raise ValueError(f"{p}: neither a checkpoint folder nor a run folder holding one ({reason})")
+        raise ValueError(f"{p}: neither a complete checkpoint folder (RUN/checkpoints/checkpoint-XXXXXXXX with a "
+                         f"{MANIFEST} that verifies) nor a run folder holding one ({reason})")
     latest = latest_checkpoint(p)
     if latest is not None:
         return latest
     legacy = sorted(c for c in (p / "checkpoints").glob("checkpoint-*") if _legacy(c))
     if legacy:
         return resolve_checkpoint(legacy[-1])
-    raise ValueError(f"{p}: neither a checkpoint folder nor a run folder holding one (no RUN/checkpoints/checkpoint-XXXXXXXX "
-                     f"in it verifies)")
+    raise ValueError(f"{p}: neither a complete checkpoint folder (RUN/checkpoints/checkpoint-XXXXXXXX with a "
+                     f"{MANIFEST} that verifies) nor a run folder holding one (none of its checkpoints verifies)")
 
 
 def generator_state_dict(ckpt: str | os.PathLike, weights: str = "ema") -> tuple[dict[str, torch.Tensor], str]:
@@ -79,10 +79,14 @@ def generator_state_dict(ckpt: str | os.PathLike, weights: str = "ema") -> tuple
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     ckpt = Path(ckpt)
-    ema = ckpt / "ema.safetensors"
-    if weights == "ema" and ema.is_file():
-        return EMA.module_state_dict(load_file(str(ema))), "ema"
-    return load_file(str(ckpt / "generator.safetensors")), "generator"
+    if weights == "ema":
+        found = read_weights(ckpt, ["ema"])  # either checkpoint format (a sharded one reads only these pieces)
+        if "ema" in found:
+            return EMA.module_state_dict(found["ema"]), "ema"
+    found = read_weights(ckpt, ["generator"])
+    if "generator" not in found:
+        raise ValueError(f"{ckpt}: no generator weights (generator.safetensors or sharded/)")
+    return found["generator"], "generator"
 
 
 def _recipe(recipe, config: dict, ckpt: Path):

@@ -493,53 +493,91 @@ class Trainer:
         dist.all_gather(out, row)
         return torch.stack(out).cpu()
 
+    def checkpoint_format(self) -> str:
+        """``train.checkpoint_format`` resolved: ``auto`` is ``sharded`` under FSDP2, ``full`` otherwise."""
+        fmt = self.cfg.train.checkpoint_format
+        return ("sharded" if self.info.mode == "fsdp2" else "full") if fmt == "auto" else fmt
+
+    def _trained_modules(self) -> dict[str, nn.Module]:
+        return {"generator": self.gen, "fake_score": self.fake, **({"gan_head": self.head} if self.head is not None else {})}
+
+    def _optimizers(self) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
+        return {"generator": (self.gen, self.opt_gen), "critic": (self.critic_modules, self.opt_critic)}
+
     def state_dict(self) -> tuple[dict, dict]:
-        """``(weights, state)`` for a checkpoint; collective under DDP/FSDP2 (rank 0's copy is complete)."""
-        weights = {"generator": self._model_sd(self.gen), "fake_score": self._model_sd(self.fake)}
-        if self.head is not None:
-            weights["gan_head"] = self._model_sd(self.head)
+        """``(weights, state)`` of a ``full`` checkpoint; collective under DDP/FSDP2 (rank 0's copy is complete)."""
+        weights = {name: self._model_sd(m) for name, m in self._trained_modules().items()}
         if self.ema is not None:
             weights["ema"] = {k: _local(v).detach().cpu().clone() for k, v in self.ema.state_dict().items()}
+        state = self._run_state()
+        state["optimizers"] = {name: self._optim_sd(m, opt) for name, (m, opt) in self._optimizers().items()}
+        return weights, state
+
+    def _run_state(self) -> dict:
+        """What ``state.pt`` holds besides the optimizers (collective: every rank's RNG state and log sums)."""
         names = sorted(self._acc)
         acc = torch.stack([self._acc[n] for n in names]) if names else torch.zeros(0, device=self.device)
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         rng_rows = self._gather_rows(torch.cat([v.to(self.device) for v in rng.values()]))
-        state = {
+        return {
             "step": self.step,
             "world_size": self.info.world_size,
-            "optimizers": {"generator": self._optim_sd(self.gen, self.opt_gen),
-                           "critic": self._optim_sd(self.critic_modules, self.opt_critic)},
             "critic_scheduler": self.scheduler.state_dict(),
             "rng": {"keys": list(rng), "sizes": [v.numel() for v in rng.values()], "per_rank": rng_rows},
             "log": {"names": names, "acc": self._gather_rows(acc), "cnt": [self._cnt[n] for n in names],
                     "window_steps": self._window_steps},
         }
-        return weights, state
 
     def save(self) -> Path | None:
-        """Write ``checkpoint-{step:08d}`` (after a finiteness check); returns its path on rank 0."""
+        """Write ``checkpoint-{step:08d}`` (after a finiteness check) in :meth:`checkpoint_format`; returns its path
+        on rank 0. ``sharded``: every rank writes its shards (:mod:`dmd2.train.sharded`), nothing is gathered."""
         self.check_finite()
-        weights, state = self.state_dict()
         path = None
-        if self.info.is_main:
-            path = ckpt.write_checkpoint(self.out, self.step, weights, state, config_to_json(self.cfg, self.recipe),
-                                         keep_last=self.cfg.train.keep_last)
+        if self.checkpoint_format() == "sharded":
+            from . import sharded
+
+            tensors, groups = sharded.sharded_tensors(self._trained_modules(), self._optimizers(), self.ema)
+            state = self._run_state()
+            state["optimizers"] = {name: {"param_groups": g} for name, g in groups.items()}
+            if self.info.is_main:
+                ckpt.begin_checkpoint(self.out, self.step)
+            if self.info.distributed:
+                dist.barrier()
+            sharded.save_sharded(ckpt.tmp_checkpoint_path(self.out, self.step), tensors)
+            if self.info.is_main:
+                path = ckpt.commit_checkpoint(self.out, self.step, state, config_to_json(self.cfg, self.recipe),
+                                              keep_last=self.cfg.train.keep_last)
+        else:
+            weights, state = self.state_dict()
+            if self.info.is_main:
+                path = ckpt.write_checkpoint(self.out, self.step, weights, state, config_to_json(self.cfg, self.recipe),
+                                             keep_last=self.cfg.train.keep_last)
         if self.info.distributed:
             dist.barrier()
         return path
 
     def load(self, path: str | Path) -> None:
-        """Restore everything from a checkpoint folder (any world size)."""
+        """Restore everything from a checkpoint folder of either format (any world size). A ``sharded`` one fills
+        each rank's shards from the pieces that overlap them; a ``full`` one is read whole on every rank."""
+        from . import sharded
+
+        if sharded.is_sharded(path):
+            ckpt.verify_checkpoint(path, checksums=False)  # sizes; --resume verified the checksums
+            state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+            sharded.load_sharded(path, state, self._trained_modules(), self._optimizers(), self.ema)
+        else:
+            state = self._load_full(path)
+        self._load_run_state(state)
+
+    def _load_full(self, path: str | Path) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
         weights, state, _ = ckpt.read_checkpoint(path)
         fsdp = self.info.mode == "fsdp2"
         opts = StateDictOptions(full_state_dict=True)
-        for name, module in (("generator", self.gen), ("fake_score", self.fake), ("gan_head", self.head)):
-            if module is None:
-                continue
+        for name, module in self._trained_modules().items():
             if name not in weights:
                 raise ValueError(f"{path}: missing {name}.safetensors")
             _check_fits(module, weights[name], Path(path) / f"{name}.safetensors")
@@ -552,8 +590,11 @@ class Trainer:
                 raise ValueError(f"{path}: missing ema.safetensors (train.ema_decay is set)")
             _check_fits(self.ema, weights["ema"], Path(path) / "ema.safetensors")
             self._load_ema(weights["ema"])
-        set_optimizer_state_dict(self.gen, self.opt_gen, state["optimizers"]["generator"], options=opts)
-        set_optimizer_state_dict(self.critic_modules, self.opt_critic, state["optimizers"]["critic"], options=opts)
+        for name, (module, opt) in self._optimizers().items():
+            set_optimizer_state_dict(module, opt, state["optimizers"][name], options=opts)
+        return state
+
+    def _load_run_state(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["critic_scheduler"])
         self.step = int(state["step"])
         same_world = int(state["world_size"]) == self.info.world_size

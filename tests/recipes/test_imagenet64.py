@@ -186,7 +186,7 @@ def test_load_generator_is_one_generator_call_at_sigma_80(tiny):
     assert two.num_steps == 2 and two.timesteps[0] == 80.0
     with pytest.raises(ValueError, match=r"noise must be \(B, 3, 16, 16\)"):
         gen(torch.zeros(2, 3, 8, 8), labels[:2])
-    with pytest.raises(ValueError, match="neither a checkpoint folder nor a run folder"):
+    with pytest.raises(ValueError, match="neither a complete checkpoint folder"):
         load_generator(tiny / "checkpoints")
 
 

@@ -217,7 +217,7 @@ def test_generator_init_errors(warm, tmp_path, capsys):
                          "model.memory_mode=lora"]) == 2
     assert "model.memory_mode=full" in capsys.readouterr().err
     assert main(RECIPE, ["--preset", "tiny", "--out", str(tmp_path / "a"), f"model.generator_init={tmp_path}"]) == 2
-    assert "neither a checkpoint folder nor a run folder" in capsys.readouterr().err
+    assert "neither a complete checkpoint" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ LPIPS, presets

@@ -159,6 +159,15 @@ def test_memory_plan_sdxl():
     assert a["full"] > 50 * 2 * 320 * 128 * 128 * 2
     assert 0 < a["checkpointed"] < a["full"] / 4
     assert "| `shared-base` |" in memory_table(plan)
+    # host RAM per rank, `full` under FSDP2 at 64 ranks: rank 0 reads three fp32 UNets + fp32 text encoders and VAE,
+    # the others only the text encoders and VAE; a sharded checkpoint costs each rank 1/64 of fp32 weights + AdamW
+    h, extras, trained = m["full"]["host"], 4 * (plan["text_encoder_params"] + plan["vae_params"]), 2 * n + plan["gan_head_params"]
+    assert h["world"] == 64 and h["load_rank0"] == 12 * n + extras and h["load_other_ranks"] == extras
+    assert h["checkpoint_sharded"] == h["resume_sharded"] == 12 * trained // 64
+    assert h["checkpoint_full_rank0"] == 12 * trained + 4 * (n + plan["gan_head_params"]) and h["resume_full"] == 12 * trained
+    assert 62e9 < h["resume_full"] < 64e9 and 0.9e9 < h["checkpoint_sharded"] < 1e9  # the issue's ~62 GB per save
+    assert m["shared-base"]["host"]["load_other_ranks"] == m["shared-base"]["host"]["load_rank0"]  # one process
+    assert "host/rank at load" in memory_table(plan)
 
 
 def test_lora_param_count_matches_peft(sdxl_tiny_base):

@@ -48,7 +48,7 @@ def test_mnist_without_gan_trains_and_saves_no_head(tmp_path):
     """MNIST's "w/o GAN" ablation: no gan_head in the checkpoint (the head was never built)."""
     from dmd2.recipes import mnist
 
-    assert mnist.main(["--preset", "tiny", "--out", str(tmp_path), "train.progress=false", *OFF]) == 0
+    assert mnist.main(mnist.RECIPE, ["--preset", "tiny", "--out", str(tmp_path), "train.progress=false", *OFF]) == 0
     ck = sorted((tmp_path / "checkpoints").iterdir())[-1]
     names = sorted(p.name for p in ck.iterdir())
     assert "gan_head.safetensors" not in names and "generator.safetensors" in names

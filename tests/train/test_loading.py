@@ -32,8 +32,8 @@ def runs(tmp_path_factory):
 
 
 def _to_old_format(src, dst):
-    """A copy of checkpoint ``src`` as written before this layout: EMA buffers under ``buffer::``, no recipe key, and
-    (older still) no manifest."""
+    """A copy of checkpoint ``src`` as written before this layout: EMA buffers under ``buffer::``, no recipe key, no
+    manifest (checkpoints carry one since the same release)."""
     shutil.copytree(src, dst)
     (dst / "manifest.json").unlink()
     net_buffers = set(load_file(str(src / "generator.safetensors"))) - set(_param_names(src))
@@ -126,7 +126,7 @@ def test_resolve_checkpoint(tmp_path):
     shutil.copytree(ckpt.checkpoint_path(out, 8), tmp)
     assert resolve_checkpoint(out) == ckpt.checkpoint_path(out, 8)
     for bad in (out / "checkpoints", tmp_path):
-        with pytest.raises(ValueError, match="neither a checkpoint folder nor a run folder"):
+        with pytest.raises(ValueError, match="neither a complete checkpoint folder"):
             resolve_checkpoint(bad)
 
 

@@ -338,7 +338,7 @@ def test_resume_across_recipes_or_widths(tmp_path, capsys):
     assert rc == 2
     line = _one_error_line(err)
     assert f"{ckpt.checkpoint_path(out, 2) / 'generator.safetensors'} does not fit this run's TinyDenoiser" in line
-    rc = mnist.main(["--preset", "tiny", "--out", str(out), "--resume", "auto", "train.max_steps=4"])
+    rc = mnist.main(mnist.RECIPE, ["--preset", "tiny", "--out", str(out), "--resume", "auto", "train.max_steps=4"])
     err = capsys.readouterr().err
     assert rc == 2 and "resuming from" in _one_error_line(err) and "model" in err
 
@@ -355,7 +355,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     ] + ([(["train.device=cuda"], "train.device=cuda but no CUDA device is available")] if not torch.cuda.is_available() else [])
     for args, expected in cases:
         out = tmp_path / f"run{len(args[0])}"
-        assert mnist.main(["--preset", "tiny", "--out", str(out), *args]) == 2
+        assert mnist.main(mnist.RECIPE, ["--preset", "tiny", "--out", str(out), *args]) == 2
         assert expected in _one_error_line(capsys.readouterr().err)
         assert not out.exists()  # nothing created
 
