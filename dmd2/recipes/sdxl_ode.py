@@ -498,40 +498,36 @@ def ode_pretrain(cfg, pairs: str | Path, info=None) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ commands
+def _in_job(cfg, work) -> int:
+    """Join the torchrun job if any, seed, ``work(info)`` on every rank, leave the job; rank 0 prints the result
+    (the folder written)."""
+    from ..train.distributed import init_distributed
+
+    info = init_distributed(cfg.train.distributed, cfg.train.device)
+    try:
+        torch.manual_seed(cfg.train.seed)
+        result = work(info)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if info.is_main:
+        print(result)
+    return 0
+
+
 def ode_pairs_command(cfg, args: list[str]) -> int:
     """``ode-pairs OUT [--num N]``: teacher ODE pairs into OUT (resumable; one shard set per torchrun rank)."""
     from ..train.config import apply_overrides
-    from ..train.distributed import init_distributed
 
     if len(args) != 1:
         raise ValueError("usage: python -m dmd2.recipes.sdxl ode-pairs OUT [--num N] [--preset ode-paper] data.prompts=...")
     cfg = apply_overrides(cfg, {"train.out": args[0]})  # the tiny preset writes its base model inside OUT
-    info = init_distributed(cfg.train.distributed, cfg.train.device)
-    try:
-        torch.manual_seed(cfg.train.seed)
-        out = write_pairs(cfg, args[0], info)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if info.is_main:
-        print(out)
-    return 0
+    return _in_job(cfg, lambda info: write_pairs(cfg, args[0], info))
 
 
 def ode_pretrain_command(cfg, args: list[str]) -> int:
     """``ode-pretrain PAIRS [--out OUT]``: the LPIPS regression; OUT is what ``model.generator_init`` takes."""
-    from ..train.distributed import init_distributed
-
     if len(args) != 1:
         raise ValueError("usage: python -m dmd2.recipes.sdxl ode-pretrain PAIRS --preset ode-paper [--out OUT] "
                          "(PAIRS: an ode-pairs folder)")
-    info = init_distributed(cfg.train.distributed, cfg.train.device)
-    try:
-        torch.manual_seed(cfg.train.seed)
-        last = ode_pretrain(cfg, args[0], info)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if info.is_main:
-        print(last)
-    return 0
+    return _in_job(cfg, lambda info: ode_pretrain(cfg, args[0], info))
