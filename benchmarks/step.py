@@ -257,7 +257,7 @@ def _sdxl(device, sets, out):
     from dmd2.recipes import sdxl as rec
     from dmd2.train import Components
     from dmd2.train.config import apply_overrides, gan_head
-    from dmd2.train.trainer import derive_seed
+    from dmd2.train.randomness import derive_seed
 
     unet_config = HERE.parent / "dmd2" / "assets" / "sdxl_base_unet_config.json"
     own = {k: v for k, v in (s.split("=", 1) for s in sets) if k.startswith("bench.")}

@@ -391,7 +391,8 @@ def ode_pretrain(cfg, pairs: str | Path, info=None) -> Path:
     from ..train.config import config_to_json
     from ..train.distributed import DistInfo, all_reduce_mean, wrap_trained
     from ..train.monitor import RunMonitor
-    from ..train.trainer import NonFiniteError, _adamw
+    from ..train.metrics import NonFiniteError
+    from ..train.trainer import _adamw
     from .sdxl import DTYPES, _unet_blocks, base_path, grid
 
     info = info or DistInfo()
@@ -485,9 +486,7 @@ def ode_pretrain(cfg, pairs: str | Path, info=None) -> Path:
                 check_finite()
                 if info.is_main:
                     state = {"step": step, "world_size": info.world_size,
-                             "optimizers": {"generator": get_optimizer_state_dict(gen, opt, options=opts)},
-                             "lr_schedule": {"kind": "constant_with_warmup", "warmup_steps": t.warmup_steps,
-                                             "lr_generator": t.lr_generator}}
+                             "optimizers": {"generator": get_optimizer_state_dict(gen, opt, options=opts)}}
                     sd = {k: v.detach().cpu() for k, v in gen.state_dict().items()}
                     last = write_checkpoint(out, step, {"generator": sd}, state, config_to_json(cfg), keep_last=t.keep_last)
                 if info.distributed:

@@ -28,7 +28,7 @@ from ..core import BackwardSimulationSampler, VPSchedule
 from ..models.mixture import GaussianMixtureDenoiser
 from ..train import Components, Recipe, RecipeConfig, Student, main
 from ..train.config import GANConfig, gan_head
-from ..train.trainer import derive_seed
+from ..train.randomness import derive_seed
 
 __all__ = ["TinyConfig", "TinyModelConfig", "TinyDataConfig", "TinyDenoiser", "mixture_means", "build", "student",
            "RECIPE", "PRESETS"]

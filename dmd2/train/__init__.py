@@ -26,8 +26,13 @@ A recipe is a preset table plus a builder::
   :func:`apply_overrides` (``"a.b=value"``, typed; unknown keys list the valid ones).
 * :mod:`dmd2.train.cli` - :func:`main`: ``[COMMAND] [--preset P] [--config FILE] [--out DIR] [--resume auto|PATH]
   [--dry-run] [--steps N] [key.sub=value ...]``; ``--help`` lists every config key.
-* :mod:`dmd2.train.trainer` - :class:`Trainer` and :class:`Components` (iteration semantics, keyed randomness,
-  exact resume, NaN/inf stop).
+* :mod:`dmd2.train.trainer` - :class:`Trainer` (the two updates and the loop) and :class:`Components`.
+* :mod:`dmd2.train.randomness` - keyed randomness: :func:`derive_seed`, the per-(step, phase, shard) streams.
+* :mod:`dmd2.train.metrics` - logged values tracked on device, reduced over ranks; the NaN/inf stop
+  (:class:`NonFiniteError`).
+* :mod:`dmd2.train.state` - what a checkpoint of a run holds (networks, EMA, optimizers, RNG, log sums): save,
+  exact resume on any number of ranks.
+* :mod:`dmd2.train.wrapping` - ``train.compile``, ``train.grad_checkpointing``, then DDP / FSDP2 wrapping, in order.
 * :mod:`dmd2.train.distributed` - torchrun, DDP, FSDP2 (``fully_shard``), requires_grad toggling safe under FSDP2.
 * :mod:`dmd2.train.checkpoint` - the run-folder layout, write-then-rename, keep-last-K, ``--resume auto``.
 * :mod:`dmd2.train.sharded` - ``train.checkpoint_format=sharded``: every rank writes its shards
@@ -46,7 +51,9 @@ from .config import (CriticConfig, DMD2Config, RecipeConfig, SamplerConfig, Trai
 from .data import IndexedBatches
 from .distributed import DistInfo, init_distributed
 from .loading import Student, generator_state_dict, load_config, load_generator, resolve_checkpoint
-from .trainer import Components, NonFiniteError, Trainer, derive_seed
+from .metrics import NonFiniteError
+from .randomness import derive_seed
+from .trainer import Components, Trainer
 
 __all__ = [
     "Recipe", "TrainResult", "main", "resolve_config",

@@ -6,16 +6,18 @@ tensors, so agreeing on them never waits on the GPU stream.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "init_distributed", "exit_process", "wrap_trained", "shard_frozen", "Trainable", "is_fsdp",
-           "barrier", "all_reduce_mean", "any_rank"]
+           "barrier", "all_reduce_mean", "any_rank", "all_gather_rows", "full_tensor",
+           "gradient_sync"]
 
 
 _joined_a_job = False  # set once this process has initialised a process group (a torchrun rank)
@@ -255,3 +257,34 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control_group)
     return bool(t.item())
+
+
+def all_gather_rows(row: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """``(n,)`` per-rank values -> ``(world, n)`` on CPU (every rank gets every row)."""
+    if not info.distributed:
+        return row[None].cpu()
+    out = [torch.empty_like(row) for _ in range(info.world_size)]
+    dist.all_gather(out, row)
+    return torch.stack(out).cpu()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective under FSDP2), else the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def gradient_sync(wrapped: Sequence[nn.Module | None], info: DistInfo, sync: bool) -> contextlib.ExitStack:
+    """A context in whose backward passes the DDP / FSDP2 modules of ``wrapped`` reduce their gradients over the
+    ranks only when ``sync`` (skipped on all but the last micro-batch of an accumulation; None entries ignored)."""
+    stack = contextlib.ExitStack()
+    if sync:
+        return stack
+    for m in wrapped:
+        if m is None:
+            continue
+        if info.mode == "ddp" and hasattr(m, "no_sync"):
+            stack.enter_context(m.no_sync())
+        elif info.mode == "fsdp2" and hasattr(m, "set_requires_gradient_sync"):
+            m.set_requires_gradient_sync(False)
+            stack.callback(m.set_requires_gradient_sync, True)
+    return stack

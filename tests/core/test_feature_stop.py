@@ -8,7 +8,7 @@ from torch import nn
 
 from dmd2.core import FeatureHooks
 from dmd2.models.adm import ADMConfig, bottleneck_name, build_edm_adm
-from dmd2.train.trainer import _checkpointed
+from dmd2.train.wrapping import _checkpointed
 
 
 def _adm():

@@ -66,7 +66,7 @@ def lone_pass(info, out, stop):
     cfg = resolve_config(imagenet64.RECIPE, "tiny", OVERRIDES, out=out)
     torch.manual_seed(0)
     tr = Trainer(cfg, imagenet64.RECIPE.build(cfg, info), info=info, out=out)
-    obj = tr.obj_critic
+    obj = tr.objective_for(critic=True)
     tr.critic_trainable.set(True)
     g = torch.Generator().manual_seed(10 + info.rank)
     x, t, labels = torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, generator=g) + 0.5, torch.tensor([1, 2])

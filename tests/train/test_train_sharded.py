@@ -6,7 +6,7 @@
   SDXL presets; the SDXL export of a sharded checkpoint equals the export of the same run's ``full`` checkpoint.
 
 A run's global batch is ``ranks x grad_accum`` shards of ``batch_size`` keyed by the global shard index (see
-:mod:`dmd2.train.trainer`), so 2 ranks x 3, 3 ranks x 2 and 1 process x 6 are the same run.
+:mod:`dmd2.train.randomness`), so 2 ranks x 3, 3 ranks x 2 and 1 process x 6 are the same run.
 """
 import shutil
 
