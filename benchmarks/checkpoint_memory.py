@@ -67,7 +67,12 @@ def main(argv: list[str]) -> None:
     path = ckpt.checkpoint_path(out, trainer.step)
     _, resume_start, resume_peak = _phase(lambda: trainer.load(path))
     params = sum(p.numel() for m in (trainer.gen, trainer.fake) for p in m.parameters())
-    fmt = getattr(trainer, "checkpoint_format", lambda: "full")()
+    try:
+        from dmd2.train.state import resolve_format
+
+        fmt = resolve_format(cfg.train.checkpoint_format, info)
+    except ImportError:  # an older checkout: Trainer.checkpoint_format, or only the full format
+        fmt = getattr(trainer, "checkpoint_format", lambda: "full")()
     print("RESULT " + json.dumps({
         "recipe": name, "rank": info.rank, "world": info.world_size, "format": fmt,
         "trained_params_local": params, "rss_start_mb": round(load_start, 1),

@@ -187,16 +187,21 @@ class Trainer:
             if n != "k":
                 logs_sum[n] = logs_sum.get(n, 0) + v.float() / self.accum
 
+    def _clip(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """Clip to ``train.grad_clip`` (none when 0); the total gradient norm before clipping."""
+        clip = self.cfg.train.grad_clip
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.device)
+        return full_tensor(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf, foreach=True))
+
     def _apply(self, opt: torch.optim.Optimizer, trainable: Trainable, lr: float, step: int, logs_sum: dict,
                norm_name: str, tick: int) -> None:
         """The end of an update: warmed-up learning rate, clipping, AdamW step, then the logs and the gradient norm
         tracked at ``tick``."""
         for group in opt.param_groups:
             group["lr"] = lr * self.lr_factor(step)
-        clip = self.cfg.train.grad_clip
-        params = [p for p in trainable.parameters() if p.grad is not None]
-        norm = (full_tensor(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf, foreach=True))
-                if params else torch.zeros((), device=self.device))
+        norm = self._clip(trainable.parameters())
         opt.step()
         opt.zero_grad(set_to_none=True)
         for n, v in logs_sum.items():
