@@ -66,6 +66,9 @@ def arms(root: Path) -> dict[str, dict]:
                          "overrides": [f"objective.gan_generator_weight={3e-3 * m:g}",
                                        f"objective.gan_discriminator_weight={1e-2 * m:g}"]}
            for m in (4, 16, 64)},
+        # tapped features: the bottleneck (8x8, the default) and one encoder level above it (16x16), one branch each
+        "gan_enc16": {"kind": "student", "preset": None, "min_seeds": 1,
+                      "overrides": ["gan.layers=model.enc.8x8_block0,model.enc.16x16_block0"]},
     }
 
 
