@@ -34,7 +34,7 @@ import torch
 from ..core import BackwardSimulationSampler, CFGDenoiser
 from ..models.sdxl import DEFAULT_LORA_TARGETS, DTYPES, MEMORY_MODES, PromptEncoder, build_networks, load_sdxl
 from ..train import Components, IndexedBatches, Recipe, RecipeConfig, Student, apply_overrides, derive_seed, main
-from ..train.config import gan_enabled, gan_head
+from ..train.config import gan_enabled, gan_head, gan_layers
 from .sdxl_ode import (ODE_PRESETS, SDXLODEConfig, generator_init_checkpoint, load_generator_init, ode_pairs_command,
                        ode_pretrain_command)
 
@@ -312,6 +312,7 @@ def build(cfg: SDXLConfig, info=None) -> Components:
         noise = torch.randn((batch, *shape), generator=g, device=dev)
         return noise, cond_of(prompts[i] for i in idx)
 
+    layers = gan_layers(cfg, nets.fake_score, ["gan_tap"], configurable=False)  # the mid block (SDXLNets.gan_tap)
     head = gan_head(cfg, [parts.unet.config.block_out_channels[-1]])  # the mid block's channels
     real_data = None
     if head is not None:
@@ -344,7 +345,7 @@ def build(cfg: SDXLConfig, info=None) -> Components:
 
     return Components(generator=nets.generator, fake_score=nets.fake_score, teacher=teacher, schedule=parts.schedule,
                       sampler=sampler, latents=latents, real_data=real_data, gan_head=head,
-                      gan_layers=["gan_tap"] if head is not None else [], sample_fn=sample_fn,
+                      gan_layers=layers, sample_fn=sample_fn,
                       sample_rows=[p if len(p) <= 40 else p[:39] + "~" for p in sample_prompts],  # one row per prompt
                       fsdp_units=_unet_blocks if m.memory_mode == "full" else None)
 
