@@ -117,7 +117,8 @@ def _launch(x, x_t, real_cond, real_uncond, fake, alpha, sigma, guidance_scale, 
     _dm_norm_kernel[(n_blocks, batch)](xr, xtr, cr, ur, a, s, part, n, n_blocks, scale, BLOCK=block, **flags)
     _dm_grad_kernel[(n_blocks, batch)](
         xtr, cr, ur, fr, a, s, part, grad, norm, sq, real_out, fake_out, g32 if store_g32 else None, n, n_blocks,
-        scale, float(eps), RETURN_X0=return_x0, STORE_G32=store_g32, BLOCK=block, BLOCKS_POW2=triton.next_power_of_2(n_blocks), **flags,
+        scale, float(eps), RETURN_X0=return_x0, STORE_G32=store_g32, BLOCK=block,
+        BLOCKS_POW2=triton.next_power_of_2(n_blocks), **flags,
     )
     return grad, norm, sq.sum(), real_out, fake_out, g32
 
