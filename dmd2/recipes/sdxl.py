@@ -39,7 +39,7 @@ from ..models.sdxl import (DEFAULT_LORA_TARGETS, DTYPES, MEMORY_MODES, PromptEnc
                            unet_blocks)
 from ..models.sdxl_tiny import tiny_fixtures, write_tiny_fixtures
 from ..train import Components, IndexedBatches, Recipe, RecipeConfig, Student, apply_overrides, derive_seed, main
-from ..train.config import gan_enabled, gan_head
+from ..train.config import gan_enabled, gan_head, gan_layers
 from .sdxl_ode import (ODE_PRESETS, SDXLODEConfig, generator_init_checkpoint, load_generator_init, ode_pairs_command,
                        ode_pretrain_command)
 
@@ -265,6 +265,7 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     cond_of = partial(encoder.cond, height=res, width=res)
     teacher = CFGDenoiser(nets.teacher, m.guidance_scale, encoder.uncond(res, res, m.uncond))
     sampler = BackwardSimulationSampler(parts.schedule, cfg.sampler.grid(grid))
+    layers = gan_layers(cfg, nets.fake_score, ["gan_tap"], configurable=False)  # the mid block (SDXLNets.gan_tap)
     head = gan_head(cfg, [parts.unet.config.block_out_channels[-1]])  # the mid block's channels
     real_data = None
     if head is not None:
@@ -279,7 +280,7 @@ def build(cfg: SDXLConfig, info=None) -> Components:
 
     return Components(generator=nets.generator, fake_score=nets.fake_score, teacher=teacher, schedule=parts.schedule,
                       sampler=sampler, latents=PromptNoise(prompts, cond_of, shape), real_data=real_data,
-                      gan_head=head, gan_layers=["gan_tap"] if head is not None else [], sample_fn=sample_fn,
+                      gan_head=head, gan_layers=layers, sample_fn=sample_fn,
                       sample_rows=[p if len(p) <= 40 else p[:39] + "~" for p in sample_prompts],  # one row per prompt
                       fsdp_units=unet_blocks if m.memory_mode == "full" else None)
 
