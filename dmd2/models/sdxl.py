@@ -3,7 +3,8 @@ r"""SDXL through diffusers: loading, prompt encoding, LoRA adapters and the thre
 * :func:`load_sdxl` - UNet, VAE, both CLIP text encoders and tokenizers from a hub id or a local folder in the
   diffusers layout (``unet/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``).
   Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only``) nothing is downloaded; a missing model is a ``ValueError``
-  that names the path.
+  that names the path. :class:`SDXLParts` places the frozen text encoders and VAE (:meth:`~SDXLParts.place`) and
+  knows the latent shape of a resolution (:meth:`~SDXLParts.latent_shape`); :func:`unet_blocks` are the FSDP2 units.
 * :class:`PromptEncoder` - SDXL's text conditioning (Podell et al. 2023, Sec. 2.1-2.2): the penultimate hidden
   states of both encoders concatenated, ``(B, 77, 768 + 1280 = 2048)``, the pooled projection of the second,
   ``(B, 1280)``, and the size/crop "time ids" ``(h, w, top, left, h, w)`` of the training resolution.
