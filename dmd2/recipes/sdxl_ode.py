@@ -177,7 +177,8 @@ def write_pairs(cfg, out: str | Path, info=None) -> Path:
     out = Path(out)
     prompts_path = cfg.data.prompts
     if m.tiny:  # the tiny preset's model and prompts (OUT/tiny-base, OUT/tiny-data)
-        prompts_path = prompts_path or str(write_tiny_fixtures(cfg.train.out, m.resolution, seed=cfg.train.seed).prompts)
+        tiny = write_tiny_fixtures(cfg.train.out, m.resolution, seed=cfg.train.seed)
+        prompts_path = prompts_path or str(tiny.prompts)
     if not prompts_path:
         raise ValueError("data.prompts is empty; expected a .txt / .jsonl / .parquet file of prompts for the ODE pairs")
     prompts = read_prompts(prompts_path, key=cfg.data.prompt_key or None)
