@@ -4,7 +4,7 @@ Minimal traffic: forward reads pred (n); backward reads pred and writes its grad
 """
 import torch
 
-from harness import Op, elsize
+from harness import Op, tensor_passes
 
 
 def setup(shape, dtype, device):
@@ -18,12 +18,7 @@ def call(fn, t):
     return fn(t["pred"], t["weight"], "eps", None, 7, 0)
 
 
-def nbytes(mode, shape, dtype):
-    n = torch.Size(shape).numel() * elsize(dtype)
-    return {"forward": n, "backward": 2 * n, "full": 3 * n}[mode]
-
-
-OP = Op("denoise_loss", setup, call, nbytes)
+OP = Op("denoise_loss", setup, call, tensor_passes(1, 2))
 
 if __name__ == "__main__":
     from run import main

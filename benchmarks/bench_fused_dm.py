@@ -5,7 +5,7 @@ scalar times g: reads g, writes grad_x (2 n); full: 8 n.
 """
 import torch
 
-from harness import Op, elsize
+from harness import Op, tensor_passes
 
 
 def setup(shape, dtype, device):
@@ -22,12 +22,7 @@ def call(fn, t):
     return out.loss
 
 
-def nbytes(mode, shape, dtype):
-    n = torch.Size(shape).numel() * elsize(dtype)
-    return {"forward": 6 * n, "backward": 2 * n, "full": 8 * n}[mode]
-
-
-OP = Op("fused_dm", setup, call, nbytes)
+OP = Op("fused_dm", setup, call, tensor_passes(6, 2))
 
 if __name__ == "__main__":
     from run import main

@@ -5,7 +5,7 @@ gradient and writes grad_x0 (2 n); full: 4 n (element size of the input dtype).
 """
 import torch
 
-from harness import Op, elsize
+from harness import Op, tensor_passes
 
 
 def setup(shape, dtype, device):
@@ -21,12 +21,7 @@ def call(fn, inp):
     return fn(inp["x0"], inp["alpha"], inp["sigma"], 7, 0)
 
 
-def nbytes(mode, shape, dtype):
-    n = torch.Size(shape).numel() * elsize(dtype)
-    return {"forward": 2 * n, "backward": 2 * n, "full": 4 * n}[mode]
-
-
-OP = Op("noise_add", setup, call, nbytes)
+OP = Op("noise_add", setup, call, tensor_passes(2, 2))
 
 if __name__ == "__main__":
     from run import main

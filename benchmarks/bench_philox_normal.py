@@ -1,7 +1,7 @@
 """Benchmark: counter-based normal noise (``philox_normal``); minimal traffic: one float32 write per element."""
 import torch
 
-from harness import Op, elsize
+from harness import Op, tensor_passes
 
 
 def setup(shape, dtype, device):
@@ -12,11 +12,7 @@ def call(fn, inp):
     return fn(1234, 0, inp["shape"], device=inp["device"])
 
 
-def nbytes(mode, shape, dtype):
-    return torch.Size(shape).numel() * elsize(torch.float32)
-
-
-OP = Op("philox_normal", setup, call, nbytes, has_backward=False)
+OP = Op("philox_normal", setup, call, tensor_passes(1, 0, dtype=torch.float32), has_backward=False)
 
 if __name__ == "__main__":
     from run import main

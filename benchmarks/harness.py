@@ -64,6 +64,14 @@ def elsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def tensor_passes(forward: int, backward: int, dtype: torch.dtype | None = None) -> Callable:
+    """:attr:`Op.bytes` of an op whose minimal traffic is ``forward`` (``backward``) reads + writes of tensors of the
+    benchmarked shape in the forward (backward) pass, each element ``elsize(dtype)`` bytes (default: the benchmarked
+    dtype); ``full`` moves both."""
+    per_mode = {"forward": forward, "backward": backward, "full": forward + backward}
+    return lambda mode, shape, dt: per_mode[mode] * torch.Size(shape).numel() * elsize(dtype or dt)
+
+
 def bench(fn: Callable[[], object], quick: bool, rep_ms: int | None = None) -> float:
     """Median milliseconds of ``fn()``; on CUDA ``do_bench`` over ``rep_ms`` (default 50 quick, 500 full; warm-up a fifth, >= 25)."""
     if torch.cuda.is_available():

@@ -52,3 +52,42 @@ def test_run_refuses_unknown_arm(runner, tmp_path, capsys):
 def test_finished_run_is_skipped(runner, tmp_path):
     _fake_run(tmp_path, "dmd2", 0, 0.3, 0.9)
     assert "done already" in runner.run_student(tmp_path, "dmd2", runner.arms(tmp_path)["dmd2"], 0, 1)
+
+
+def _arm(fids):
+    return {"overrides": [], "seed_kind": "training", "fid_by_training_seed": fids,
+            "label_accuracy_by_training_seed": [0.9] * len(fids)}
+
+
+def test_beats_is_a_gap_larger_than_the_combined_std(runner):
+    res = {"arms": {"a": _arm([0.20, 0.22, 0.24]), "b": _arm([0.30, 0.32, 0.34]), "c": _arm([0.25, 0.27, 0.29]),
+                    "d": _arm([0.3])}}
+    assert runner.beats(res, "a", "b")[0] is True  # gap 0.10 > hypot(0.02, 0.02) = 0.028
+    assert runner.beats(res, "a", "c")[0] is True and runner.beats(res, "c", "b")[0] is True  # gap 0.05 > 0.028
+    res["arms"]["c"] = _arm([0.21, 0.25, 0.29])  # std 0.04: gap 0.03 < hypot(0.02, 0.04)
+    assert runner.beats(res, "a", "c")[0] is False and runner.beats(res, "b", "a")[0] is False
+    assert runner.beats(res, "a", "d")[0] is None and runner.beats(res, "a", "missing")[0] is None
+
+
+def test_goal_b_needs_the_gan_arm_to_beat_the_teacher_and_the_no_gan_arm_not_to(runner):
+    res = {"arms": {"weak_teacher_ode": _arm([1.3, 1.4, 1.5]), "weak_teacher_dmd2": _arm([0.9, 1.0, 1.1]),
+                    "weak_teacher_no_gan": _arm([1.3, 1.4, 1.5])}}
+    assert "(b) from the weak teacher, DMD2 beats the teacher's ODE while w/o GAN does not: **reached**" in \
+        runner.goals(res)[1]
+    res["arms"]["weak_teacher_no_gan"] = _arm([0.9, 1.0, 1.1])
+    assert "**not reached**" in runner.goals(res)[1]
+    assert "(a) DMD2 beats w/o GAN beyond the combined std: not measured yet" in runner.goals(res)[0]
+
+
+def test_docs_rewrites_only_the_generated_block(runner, tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{runner.BEGIN}\nold table\n{runner.END}\nhand-written verdict\n")
+    res = {"arms": {"dmd2": _arm([0.30, 0.34]), "no_gan": _arm([0.28])}}
+    runner.write_block(doc, runner.docs_block(res, runner.arms(tmp_path), sweep=True))
+    text = doc.read_text()
+    assert text.startswith("intro\n") and text.endswith("\nhand-written verdict\n") and "old table" not in text
+    assert "| `dmd2` | DMD2 (TTUR + GAN), default preset | (none) | 2 training (of 3) | 0.320 ± 0.028 |" in text
+    assert "| `weak_teacher_dmd2` |" in text and "not run yet" in text
+    (tmp_path / "bare.md").write_text("no markers\n")
+    with pytest.raises(ValueError, match="expected one"):
+        runner.write_block(tmp_path / "bare.md", "x")

@@ -72,11 +72,17 @@ class BackwardSimulationSampler:
         return self.schedule.add_noise(x0, eps, self.t(k_next, x0.shape[0], x0.device))
 
     def input_at(self, G: Callable, noise: torch.Tensor, cond: Any, k: int, generator=None, noises=None) -> torch.Tensor:
-        """The generator's input at step ``k``: steps ``1..k-1`` of ``G`` under no-grad, then a fresh re-noise."""
+        """The generator's input at step ``k``: steps ``1..k-1`` of ``G`` under no-grad, then a fresh re-noise.
+
+        The ``k - 1`` re-noises are drawn from ``generator`` on ``noise``'s device (unless ``noises`` gives them), so a
+        generator on another device is refused with ``ValueError`` before ``G`` runs."""
         if not (1 <= k <= self.num_steps):
             raise ValueError(f"step k must lie in [1, {self.num_steps}], got {k}")
         if noises is not None and len(noises) < k - 1:
             raise ValueError(f"need {k - 1} re-noise tensors for step {k}, got {len(noises)}")
+        if k > 1 and noises is None and generator is not None and torch.device(generator.device) != noise.device:
+            raise ValueError(f"the re-noises are drawn on noise's device {noise.device}, but the generator is on "
+                             f"{generator.device}: pass a generator on {noise.device}")
         b = noise.shape[0]
         x = self.schedule.prior(noise, self.t(1, b, noise.device))
         with torch.no_grad():

@@ -92,34 +92,33 @@ class NoiseSchedule(ABC):
         """``(batch,)`` tensor of one grid value, in this schedule's dtype."""
 
     # --- shared math -------------------------------------------------------------------------------------
+    def _coefficients(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, names: str, what: str):
+        """The checked inputs' ``(alpha(t), sigma(t))`` as float32 ``(B, 1, ..., 1)``, for the maps between ``x_0``,
+        ``epsilon``, ``v`` and ``x_t`` below: ``y`` must have ``x``'s shape and ``t`` be ``(B,)`` on ``x``'s device
+        (``alpha`` / ``sigma`` check its values)."""
+        _check_pair(x, y, names, what)
+        _check_batch(t, x, what)
+        return expand_like(self.alpha(t), x), expand_like(self.sigma(t), x)
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         r""":math:`x_t = \alpha(t) x_0 + \sigma(t) \epsilon`; ``x0``, ``noise``: ``(B, ...)``; ``t``: ``(B,)``. fp32 math."""
-        _check_pair(x0, noise, "x0,noise", "add_noise")
-        _check_batch(t, x0, "add_noise")
-        self.check_t(t)
-        a, s = expand_like(self.alpha(t), x0), expand_like(self.sigma(t), x0)
+        a, s = self._coefficients(x0, noise, t, "x0,noise", "add_noise")
         return (a * x0.float() + s * noise.float()).to(x0.dtype)
 
     def x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         r""":math:`\hat x_0 = (x_t - \sigma \hat\epsilon) / \alpha` (epsilon-prediction to x0)."""
-        _check_pair(x_t, eps, "x_t,eps", "x0_from_eps")
-        _check_batch(t, x_t, "x0_from_eps")
-        a, s = expand_like(self.alpha(t), x_t), expand_like(self.sigma(t), x_t)
+        a, s = self._coefficients(x_t, eps, t, "x_t,eps", "x0_from_eps")
         return ((x_t.float() - s * eps.float()) / a).to(x_t.dtype)
 
     def eps_from_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         r""":math:`\hat\epsilon = (x_t - \alpha \hat x_0) / \sigma`."""
-        _check_pair(x_t, x0, "x_t,x0", "eps_from_x0")
-        _check_batch(t, x_t, "eps_from_x0")
-        a, s = expand_like(self.alpha(t), x_t), expand_like(self.sigma(t), x_t)
+        a, s = self._coefficients(x_t, x0, t, "x_t,x0", "eps_from_x0")
         return ((x_t.float() - a * x0.float()) / s).to(x_t.dtype)
 
     def x0_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         r"""v-prediction (Salimans & Ho 2022): :math:`v = \alpha\epsilon - \sigma x_0`, so
         :math:`\hat x_0 = (\alpha x_t - \sigma v) / (\alpha^2 + \sigma^2)`."""
-        _check_pair(x_t, v, "x_t,v", "x0_from_v")
-        _check_batch(t, x_t, "x0_from_v")
-        a, s = expand_like(self.alpha(t), x_t), expand_like(self.sigma(t), x_t)
+        a, s = self._coefficients(x_t, v, t, "x_t,v", "x0_from_v")
         return ((a * x_t.float() - s * v.float()) / (a * a + s * s)).to(x_t.dtype)
 
     @abstractmethod

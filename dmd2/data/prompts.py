@@ -3,13 +3,17 @@ or ``.parquet`` (one column).
 
 DMD2 trains the SDXL student on text prompts only for the distribution-matching term (the GAN's real images come
 from :mod:`dmd2.data.sdxl_images`); the official run uses the captions of LAION-aesthetic images.
+:class:`PromptNoise` turns a prompt list into the generator's inputs, noise and the conditions of drawn prompts.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, Sequence
 
-__all__ = ["read_prompts", "PROMPT_KEYS"]
+import torch
+
+__all__ = ["read_prompts", "PROMPT_KEYS", "PromptNoise"]
 
 #: keys tried, in order, when the configured key is absent from a jsonl object / parquet table
 PROMPT_KEYS = ("prompt", "caption", "text")
@@ -72,3 +76,28 @@ def read_prompts(path: str | Path, key: str | None = None, limit: int | None = N
     if not prompts:
         raise ValueError(f"{p}: no prompts found")
     return prompts
+
+
+class PromptNoise:
+    """The generator's inputs of text-to-image training (:attr:`Components.latents <dmd2.train.Components>`):
+    ``(batch, generator, device) -> (noise (batch, *shape), encode(prompts drawn))``.
+
+    From ``generator``, in this order: ``batch`` prompt indices uniform over ``prompts`` with replacement (on the
+    generator's device), then unit Gaussian noise on ``device``.
+
+    Args:
+        prompts: the prompt list (:func:`read_prompts`, or the captions of the real-image set).
+        encode: ``list of prompts -> cond`` (the SDXL recipe: :meth:`PromptEncoder.cond
+            <dmd2.models.sdxl.PromptEncoder.cond>` at the run's resolution).
+        shape: the noise's shape per sample, ``(C, h, w)``.
+    """
+
+    def __init__(self, prompts: Sequence[str], encode: Callable, shape: Sequence[int]):
+        if not prompts:
+            raise ValueError("PromptNoise: expected a non-empty list of prompts")
+        self.prompts, self.encode, self.shape = list(prompts), encode, tuple(shape)
+
+    def __call__(self, batch: int, generator: torch.Generator, device) -> tuple[torch.Tensor, object]:
+        idx = torch.randint(len(self.prompts), (batch,), generator=generator, device=generator.device).tolist()
+        noise = torch.randn((batch, *self.shape), generator=generator, device=device)
+        return noise, self.encode([self.prompts[i] for i in idx])

@@ -17,8 +17,13 @@ then scaled to ``[-1, 1]``. The VAE's posterior is ``q(z | x) = N(mu(x), diag si
 GAN is a *sample* ``s (mu + sigma eps)`` with the scaling factor ``s`` (the official code samples it too: the posterior
 mean alone lacks the sample noise a discriminator can tell from generator latents). Every source therefore yields
 ``moments (2, C, h, w) = stack(s mu, s sigma)`` (:func:`vae_moments`), and :func:`sample_posterior` draws from them
-with a caller-keyed generator (the SDXL recipe keys it by ``(data.seed, step, shard)``: a fresh sample per read that
-resume reproduces). Every source lists its ``captions()`` (``data.prompts=real``: the generator's prompts).
+with a caller-keyed generator. Every source lists its ``captions()`` (``data.prompts=real``: the generator's prompts).
+
+The pipeline of the GAN's real data: :class:`LatentCollate` turns a batch of source items into posterior moments
+(encoding images with the VAE; a cache's moments as they are) and the conditions of their captions, and
+:class:`PosteriorSamples` draws one posterior sample per read from a generator keyed by the batch (the SDXL recipe:
+``(data.seed, step, shard)``, a fresh sample per read that resume reproduces). :func:`vae_decode` is the way back,
+latents to images (sample grids, the 1-step warm start's LPIPS).
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 
 __all__ = ["IMAGE_SUFFIXES", "load_image", "ImageCaptionFolder", "WebDatasetShards", "LatentCache", "vae_moments",
-           "sample_posterior", "cache_latents", "open_image_source"]
+           "vae_decode", "sample_posterior", "LatentCollate", "PosteriorSamples", "cache_latents", "open_image_source"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -216,6 +221,56 @@ def sample_posterior(moments: torch.Tensor, generator: torch.Generator) -> torch
     mean, std = moments.unbind(1)
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + std * eps
+
+
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` fp32, about ``[-1, 1]`` and not clamped, of latents ``(B, C, h, w)`` in the UNet's
+    (scaled) space: ``dec(z / s)``, ``s = scaling_factor`` (the inverse of :func:`vae_moments`' scaling); ``z / s`` is
+    computed in fp32, then cast to the VAE's dtype. Differentiable: gradients flow to ``latents``."""
+    p = next(vae.parameters())
+    return vae.decode((latents.float() / vae.config.scaling_factor).to(p.dtype), return_dict=False)[0].float()
+
+
+class LatentCollate:
+    """``collate`` of the real-data batches (:class:`~dmd2.train.IndexedBatches`): source items ``(x, caption)`` ->
+    ``(moments (B, 2, C, h, w) fp32, encode(captions))``.
+
+    Args:
+        encode: ``list of captions -> cond`` (the SDXL recipe: :meth:`PromptEncoder.cond
+            <dmd2.models.sdxl.PromptEncoder.cond>` at the run's resolution).
+        latent_shape: ``(C, h, w)`` the run's latents have; a batch of another shape is a ``ValueError``.
+        vae: the VAE that encodes image items ``(3, R, R)`` (:func:`vae_moments`, on the VAE's device); ``None``: the
+            items are already moments ``(2, C, h, w)`` (a :class:`LatentCache`).
+    """
+
+    def __init__(self, encode: Callable, latent_shape: Sequence[int], vae=None):
+        self.encode, self.latent_shape, self.vae = encode, tuple(latent_shape), vae
+
+    def __call__(self, items) -> tuple[torch.Tensor, object]:
+        x = torch.stack([a for a, _ in items])
+        moments = x if self.vae is None else vae_moments(self.vae, x)
+        if tuple(moments.shape[2:]) != self.latent_shape:
+            raise ValueError(f"real latents have shape {tuple(moments.shape[2:])}; the run expects {self.latent_shape} "
+                             "(a latent cache written at another model.resolution?)")
+        return moments, self.encode([c for _, c in items])
+
+
+class PosteriorSamples:
+    """The GAN's real latents (DMD2 Sec. 4.2) by batch: ``(step, shard, batch, device) -> (mean + std * eps, cond)``.
+
+    ``moments_of(step, shard, batch, device) -> (moments (B, 2, C, h, w), cond)`` gives the batch's posterior
+    moments (:class:`LatentCollate` under :class:`~dmd2.train.IndexedBatches`); ``eps`` comes from a generator on the
+    moments' device seeded ``seed_of(step, shard)`` (:func:`sample_posterior`): the same read gives the same
+    sample, another step or shard of the same images another one, and a resume needs no generator state.
+    """
+
+    def __init__(self, moments_of: Callable, seed_of: Callable[[int, int], int]):
+        self.moments_of, self.seed_of = moments_of, seed_of
+
+    def __call__(self, step: int, shard: int, batch: int, device) -> tuple[torch.Tensor, object]:
+        moments, cond = self.moments_of(step, shard, batch, device)
+        g = torch.Generator(device=moments.device).manual_seed(self.seed_of(step, shard))
+        return sample_posterior(moments, g), cond
 
 
 def cache_latents(dataset, vae, out: str | Path, batch: int = 16, progress: Callable | None = None,

@@ -3,7 +3,8 @@ r"""SDXL through diffusers: loading, prompt encoding, LoRA adapters and the thre
 * :func:`load_sdxl` - UNet, VAE, both CLIP text encoders and tokenizers from a hub id or a local folder in the
   diffusers layout (``unet/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``).
   Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only``) nothing is downloaded; a missing model is a ``ValueError``
-  that names the path.
+  that names the path. :class:`SDXLParts` places the frozen text encoders and VAE (:meth:`~SDXLParts.place`) and
+  knows the latent shape of a resolution (:meth:`~SDXLParts.latent_shape`); :func:`unet_blocks` are the FSDP2 units.
 * :class:`PromptEncoder` - SDXL's text conditioning (Podell et al. 2023, Sec. 2.1-2.2): the penultimate hidden
   states of both encoders concatenated, ``(B, 77, 768 + 1280 = 2048)``, the pooled projection of the second,
   ``(B, 1280)``, and the size/crop "time ids" ``(h, w, top, left, h, w)`` of the training resolution.
@@ -44,7 +45,7 @@ __all__ = [
     "SUBFOLDERS", "SDXLParts", "load_sdxl", "is_offline", "PromptEncoder", "time_ids",
     "AdapterSwitch", "add_lora", "SDXLDenoiser", "Networks", "build_networks", "MEMORY_MODES", "DEFAULT_LORA_TARGETS",
     "schedule_from_folder", "unet_config_path", "lora_param_names", "DiffusersVPSchedule", "adapter_weights_from_checkpoint",
-    "DTYPES",
+    "DTYPES", "unet_blocks",
 ]
 
 #: the dtypes a config names: ``fp32`` | ``bf16`` | ``fp16``
@@ -82,6 +83,37 @@ class SDXLParts:
     tokenizer_2: Any
     schedule: VPSchedule
     prediction_type: str = "epsilon"
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """``(C, R/f, R/f)``: the UNet's latents of ``resolution`` px images, ``f = 2^(levels - 1)`` the VAE's
+        downsampling factor (SDXL: ``(4, 128, 128)`` at 1024 px); ``ValueError`` when ``f`` does not divide it."""
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if resolution % scale:
+            raise ValueError(f"model.resolution {resolution} must be a multiple of the VAE's downsampling factor {scale}")
+        return (self.unet.config.in_channels, resolution // scale, resolution // scale)
+
+    def place(self, device, text_encoder_dtype: torch.dtype | None = None,
+              vae_dtype: torch.dtype | None = None) -> "SDXLParts":
+        """Move the frozen helpers - both text encoders and the VAE, those loaded - to ``device``, cast to their
+        dtypes (``None``: as they are). The UNet is not moved: the networks built from it are placed by their owner.
+        The SDXL recipe keeps both at fp32 by default: the official code runs the text encoders in fp32, and SDXL's
+        VAE overflows in fp16."""
+        for module, dtype in ((self.text_encoder, text_encoder_dtype), (self.text_encoder_2, text_encoder_dtype),
+                              (self.vae, vae_dtype)):
+            if module is not None:
+                module.to(device) if dtype in (None, next(module.parameters()).dtype) else module.to(device, dtype)
+        return self
+
+
+def unet_blocks(module: nn.Module) -> list[nn.Module]:
+    """FSDP2 units: the down, mid and up blocks of every diffusers ``UNet2DConditionModel`` inside ``module``."""
+    from diffusers import UNet2DConditionModel
+
+    out = []
+    for u in module.modules():
+        if isinstance(u, UNet2DConditionModel):
+            out += [*u.down_blocks, u.mid_block, *u.up_blocks]
+    return out
 
 
 class DiffusersVPSchedule(VPSchedule):

@@ -7,19 +7,28 @@ cross-attention mid-block, ``CLIPTextModel`` + ``CLIPTextModelWithProjection``, 
 
 The tokenizers get a byte-level vocabulary written here (``vocab.json`` + ``merges.txt`` in CLIP's BPE format:
 the 256 byte symbols, each also with the end-of-word marker ``</w>``, a few merges, and the two special tokens).
+
+:func:`write_tiny_fixtures` writes everything the ``tiny`` preset reads into its run folder ``OUT``
+(:class:`TinyFixtures`): this model at ``OUT/tiny-base``, eight prompts at ``OUT/tiny-data/prompts.txt`` and eight
+captioned images at ``OUT/tiny-data/images`` (an :class:`~dmd2.data.sdxl_images.ImageCaptionFolder`).
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["write_tiny_sdxl", "TINY_TEXT_DIM", "TINY_RESOLUTION"]
+__all__ = ["write_tiny_sdxl", "TinyFixtures", "tiny_fixtures", "write_tiny_fixtures", "TINY_TEXT_DIM",
+           "TINY_RESOLUTION", "TINY_PROMPTS"]
 
 TINY_TEXT_DIM = 32
 TINY_RESOLUTION = 32
 _MERGES = ["t h", "th e</w>", "o f</w>", "i n", "a n", "an d</w>", "o n</w>"]
+#: the prompts of ``tiny-data/prompts.txt``; image ``i`` of ``tiny-data/images`` has caption ``TINY_PROMPTS[i % 8]``
+TINY_PROMPTS = ("a red cube", "a blue ball", "the green tree", "a cat on a mat", "an old car", "the sea at night",
+                "a small house", "two yellow birds")
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -92,3 +101,65 @@ def write_tiny_sdxl(out: str | Path, seed: int = 0, max_length: int = 77) -> Pat
         "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
     return out
+
+
+@dataclass(frozen=True)
+class TinyFixtures:
+    """Where the ``tiny`` preset's stand-ins lie inside its run folder ``OUT``.
+
+    Attributes:
+        base: ``OUT/tiny-base``, the model of :func:`write_tiny_sdxl` (what ``model.path`` names otherwise).
+        prompts: ``OUT/tiny-data/prompts.txt``, :data:`TINY_PROMPTS` one per line (``data.prompts``).
+        images: ``OUT/tiny-data/images``, PNGs + ``captions.jsonl`` (``data.real`` with ``data.real_kind=folder``).
+    """
+
+    base: Path
+    prompts: Path
+    images: Path
+
+
+def tiny_fixtures(out: str | Path) -> TinyFixtures:
+    """The paths of :class:`TinyFixtures` in the run folder ``out`` (nothing is written)."""
+    out = Path(out)
+    return TinyFixtures(out / "tiny-base", out / "tiny-data" / "prompts.txt", out / "tiny-data" / "images")
+
+
+def _write_tiny_images(folder: Path, resolution: int, n: int = 8, seed: int = 0) -> None:
+    """``n`` random smooth colour images (a 4 x 4 uniform-random RGB grid, bilinearly upsampled to ``resolution``)
+    as PNGs, and their ``captions.jsonl``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for i in range(n):
+        coarse = torch.rand(3, 4, 4, generator=g)
+        img = torch.nn.functional.interpolate(coarse[None], size=(resolution, resolution), mode="bilinear")[0]
+        arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+        Image.fromarray(arr).save(folder / f"{i:03d}.png")
+        lines.append(json.dumps({"file": f"{i:03d}.png", "caption": TINY_PROMPTS[i % len(TINY_PROMPTS)]}))
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def write_tiny_fixtures(out: str | Path, resolution: int, seed: int = 0) -> TinyFixtures:
+    """Write the ``tiny`` preset's model (weights from ``seed``) and data (images at ``resolution`` px) into the run
+    folder ``out``, each part only when it is missing, and return their :class:`TinyFixtures`.
+
+    In a ``torch.distributed`` job rank 0 writes and every rank then waits at a barrier, so each rank returns with
+    the files in place: call it on every rank (alone, the process writes and returns).
+    """
+    import torch.distributed as dist
+
+    f = tiny_fixtures(out)
+    group = dist.is_available() and dist.is_initialized()
+    if not group or dist.get_rank() == 0:
+        if not (f.base / "model_index.json").is_file():
+            write_tiny_sdxl(f.base, seed=seed)
+        f.prompts.parent.mkdir(parents=True, exist_ok=True)
+        if not f.prompts.is_file():
+            f.prompts.write_text("\n".join(TINY_PROMPTS) + "\n")
+        if not (f.images / "captions.jsonl").is_file():
+            _write_tiny_images(f.images, resolution)
+    if group:
+        dist.barrier()  # the other ranks read what rank 0 wrote
+    return f

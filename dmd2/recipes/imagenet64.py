@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 from ..core import BackwardSimulationSampler, EDMSchedule
 from ..models.adm import ADMConfig, UNetBlock, bottleneck_name, build_edm_adm
 from ..train import Components, Recipe, RecipeConfig, Student, main
-from ..train.config import apply_overrides, gan_head
+from ..train.config import apply_overrides, gan_head, gan_layers
 from ..train.data import IndexedBatches
 
 __all__ = [
@@ -270,7 +270,8 @@ def build(cfg: ImageNet64Config, info=None) -> Components:
             if isinstance(mod, UNetBlock):
                 mod.dropout = m.dropout
     fake_score = copy.deepcopy(generator)
-    head = gan_head(cfg, [fake_score.model.bottleneck_channels])
+    layers = gan_layers(cfg, fake_score, [bottleneck_name(fake_score)])
+    head = gan_head(cfg, [fake_score.get_submodule(n).out_channels for n in layers])
     if cfg.init.checkpoint and loads:
         _load_init(cfg, generator, fake_score, head)
     world = getattr(info, "world_size", 1)
@@ -290,7 +291,7 @@ def build(cfg: ImageNet64Config, info=None) -> Components:
 
     return Components(generator=generator, fake_score=fake_score, teacher=teacher, schedule=schedule, sampler=sampler,
                       latents=latents, real_data=batches if head is not None else None, gan_head=head,
-                      gan_layers=[bottleneck_name(fake_score)] if head is not None else [], sample_fn=sample_fn,
+                      gan_layers=layers, sample_fn=sample_fn,
                       fsdp_units=_blocks, checkpoint_units=_blocks)
 
 

@@ -50,7 +50,7 @@ from ..core import BackwardSimulationSampler, EDMSchedule
 from ..data.mnist import load_mnist
 from ..models.adm import bottleneck_name
 from ..train import Components, IndexedBatches, Recipe, RecipeConfig, Student, TrainResult, main
-from ..train.config import gan_head
+from ..train.config import gan_head, gan_layers
 from .mnist_teacher import (DEFAULT_TEACHER, IMAGE_SHAPE, TeacherConfig, build_teacher, evaluate_teacher, load_teacher,
                             metrics_entry, train_teacher)
 
@@ -128,9 +128,8 @@ def build(cfg: MNISTConfig, info=None) -> Components:
     teacher = load_teacher(teacher_path(cfg))
     generator = copy.deepcopy(teacher).train().requires_grad_(True)
     fake_score = copy.deepcopy(teacher).train().requires_grad_(True)
-    layer = bottleneck_name(fake_score)
-    channels = fake_score.get_submodule(layer).out_channels
-    head = gan_head(cfg, [channels])
+    layers = gan_layers(cfg, fake_score, [bottleneck_name(fake_score)])
+    head = gan_head(cfg, [fake_score.get_submodule(n).out_channels for n in layers])
     shards = (info.world_size if info is not None else 1) * cfg.train.grad_accum
     real = None if head is None else IndexedBatches(_TrainSplit(), shards=shards, batch=cfg.train.batch_size,
                                                     seed=cfg.train.seed)
@@ -147,7 +146,7 @@ def build(cfg: MNISTConfig, info=None) -> Components:
 
     return Components(generator=generator, fake_score=fake_score, teacher=teacher, schedule=schedule,
                       sampler=sampler, latents=latents, real_data=real, gan_head=head,
-                      gan_layers=[layer] if head is not None else [],
+                      gan_layers=layers,
                       sample_fn=sample_fn, sample_rows=[f"class {c}" for c in range(10)])
 
 

@@ -27,14 +27,19 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from ..core import BackwardSimulationSampler, CFGDenoiser
-from ..models.sdxl import DEFAULT_LORA_TARGETS, DTYPES, MEMORY_MODES, PromptEncoder, build_networks, load_sdxl
+from ..data.prompts import PromptNoise, read_prompts
+from ..data.sdxl_images import LatentCollate, PosteriorSamples, open_image_source, vae_decode
+from ..models.sdxl import (DEFAULT_LORA_TARGETS, DTYPES, MEMORY_MODES, PromptEncoder, build_networks, load_sdxl,
+                           unet_blocks)
+from ..models.sdxl_tiny import tiny_fixtures, write_tiny_fixtures
 from ..train import Components, IndexedBatches, Recipe, RecipeConfig, Student, apply_overrides, derive_seed, main
-from ..train.config import gan_enabled, gan_head
+from ..train.config import gan_enabled, gan_head, gan_layers
 from .sdxl_ode import (ODE_PRESETS, SDXLODEConfig, generator_init_checkpoint, load_generator_init, ode_pairs_command,
                        ode_pretrain_command)
 
@@ -190,46 +195,43 @@ def grid(steps: int) -> list[int]:
 def base_path(cfg: SDXLConfig) -> Path | str:
     """The teacher's location: ``model.path``, or ``OUT/tiny-base`` for the tiny preset."""
     if cfg.model.tiny:
-        return Path(cfg.train.out) / "tiny-base"
+        return tiny_fixtures(cfg.train.out).base
     if not cfg.model.path:
         raise ValueError("model.path is empty; expected a hub id or a local diffusers SDXL folder")
     return cfg.model.path
 
 
-def _write_tiny_data(root: Path, resolution: int, n: int = 8, seed: int = 0) -> tuple[Path, Path]:
-    """Tiny prompts.txt and an image folder with captions.jsonl (random smooth colour images)."""
-    from PIL import Image
+def _prompts_and_real(cfg: SDXLConfig) -> tuple[list[str], object]:
+    """``(prompts, real-image source or None)`` of ``data`` (the tiny preset's fixtures written first, on every rank:
+    :func:`~dmd2.models.sdxl_tiny.write_tiny_fixtures`). The real set is opened when the GAN or ``data.prompts=real``
+    reads it."""
+    m, d = cfg.model, cfg.data
+    prompts_path, real_path = d.prompts, d.real
+    if m.tiny:
+        tiny = write_tiny_fixtures(cfg.train.out, m.resolution, seed=cfg.train.seed)
+        prompts_path, real_path = prompts_path or str(tiny.prompts), real_path or str(tiny.images)
+    dataset = None
+    if gan_enabled(cfg) or d.prompts == "real":
+        if not real_path:
+            raise ValueError("data.real is empty; the GAN terms and data.prompts=real read the real-image set: set "
+                             "data.real (and data.real_kind), or objective.gan_generator_weight=0 "
+                             "objective.gan_discriminator_weight=0 with data.prompts=FILE")
+        dataset = open_image_source(d.real_kind, real_path, m.resolution)
+    if d.prompts == "real":
+        return dataset.captions(), dataset
+    if prompts_path:
+        return read_prompts(prompts_path, key=d.prompt_key or None), dataset
+    raise ValueError("data.prompts is empty; expected a .txt / .jsonl / .parquet file of prompts, or 'real' (the "
+                     "captions of data.real)")
 
-    root.mkdir(parents=True, exist_ok=True)
-    words = ["a red cube", "a blue ball", "the green tree", "a cat on a mat", "an old car", "the sea at night",
-             "a small house", "two yellow birds"]
-    prompts = root / "prompts.txt"
-    if not prompts.is_file():
-        prompts.write_text("\n".join(words) + "\n")
-    images = root / "images"
-    if not (images / "captions.jsonl").is_file():
-        images.mkdir(exist_ok=True)
-        g = torch.Generator().manual_seed(seed)
-        lines = []
-        for i in range(n):
-            coarse = torch.rand(3, 4, 4, generator=g)
-            img = torch.nn.functional.interpolate(coarse[None], size=(resolution, resolution), mode="bilinear")[0]
-            arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-            Image.fromarray(arr).save(images / f"{i:03d}.png")
-            lines.append(json.dumps({"file": f"{i:03d}.png", "caption": words[i % len(words)]}))
-        (images / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    return prompts, images
 
-
-def _unet_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """FSDP2 units: the down/mid/up blocks of every diffusers UNet inside ``module``."""
-    from diffusers import UNet2DConditionModel
-
-    out = []
-    for u in module.modules():
-        if isinstance(u, UNet2DConditionModel):
-            out += [*u.down_blocks, u.mid_block, *u.up_blocks]
-    return out
+def _sample_grid(G, sampler, encode, prompts: list[str], shape, vae, seed: int, device) -> torch.Tensor:
+    """Images ``(len(prompts), 3, H, W)`` in ``[-1, 1]``: ``G`` on ``sampler``'s grid for the conditions
+    ``encode(prompts)``, its noise and re-noising from one generator seeded ``seed`` on ``device``, decoded by ``vae``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.randn((len(prompts), *shape), generator=g, device=device)
+    with torch.no_grad():
+        return vae_decode(vae, sampler.sample(G, noise, encode(prompts), generator=g)).clamp(-1, 1)
 
 
 def build(cfg: SDXLConfig, info=None) -> Components:
@@ -238,9 +240,6 @@ def build(cfg: SDXLConfig, info=None) -> Components:
     Everything is placed on ``info.device``; in the LoRA modes the frozen UNets that the trainer does not see are
     moved here too.
     """
-    from ..data.prompts import read_prompts
-    from ..data.sdxl_images import open_image_source, sample_posterior, vae_moments
-
     m, d, t = cfg.model, cfg.data, cfg.train
     device = info.device if info is not None else torch.device("cpu")
     if m.memory_mode != "full" and t.distributed == "fsdp2":
@@ -251,102 +250,39 @@ def build(cfg: SDXLConfig, info=None) -> Components:
         if m.memory_mode != "full":
             raise ValueError(f"model.generator_init holds a full UNet; it needs model.memory_mode=full, got {m.memory_mode}")
         init = generator_init_checkpoint(m.generator_init)
-    prompts_path, real_path = d.prompts, d.real
-    if m.tiny:
-        from ..models.sdxl_tiny import write_tiny_sdxl
-
-        base = Path(base_path(cfg))
-        main_rank = info is None or info.is_main
-        if main_rank and not (base / "model_index.json").is_file():
-            write_tiny_sdxl(base, seed=t.seed)
-        if main_rank:
-            _write_tiny_data(Path(t.out) / "tiny-data", m.resolution)
-        if info is not None and info.distributed:
-            import torch.distributed as dist
-
-            dist.barrier()  # the other ranks read what rank 0 wrote
-        tp, ti = Path(t.out) / "tiny-data" / "prompts.txt", Path(t.out) / "tiny-data" / "images"
-        prompts_path, real_path = prompts_path or str(tp), real_path or str(ti)
-    has_gan = gan_enabled(cfg)
-    dataset = None
-    if has_gan or d.prompts == "real":
-        if not real_path:
-            raise ValueError("data.real is empty; the GAN terms and data.prompts=real read the real-image set: set "
-                             "data.real (and data.real_kind), or objective.gan_generator_weight=0 "
-                             "objective.gan_discriminator_weight=0 with data.prompts=FILE")
-        dataset = open_image_source(d.real_kind, real_path, m.resolution)
-    if d.prompts == "real":
-        prompts = dataset.captions()
-    elif prompts_path:
-        prompts = read_prompts(prompts_path, key=d.prompt_key or None)
-    else:
-        raise ValueError("data.prompts is empty; expected a .txt / .jsonl / .parquet file of prompts, or 'real' (the "
-                         "captions of data.real)")
+    prompts, dataset = _prompts_and_real(cfg)
     # under FSDP2 only rank 0 reads the UNet's weights; the others build it on the meta device and receive their
     # shards from rank 0 when the trainer wraps the networks (host memory per rank: the shards, not three UNets)
     receives = info is not None and not info.loads_weights
     parts = load_sdxl(base_path(cfg), torch.float32, m.local_files_only, meta_unet=receives)
-    frozen = DTYPES[m.frozen_dtype]
     nets = build_networks(parts.unet, parts.schedule, parts.prediction_type, m.memory_mode, m.lora_rank, m.lora_alpha,
-                          m.lora_targets, frozen).to(device)
+                          m.lora_targets, DTYPES[m.frozen_dtype]).to(device)
     if init is not None and not receives:  # the other ranks receive the warm start from rank 0 too
         load_generator_init(nets.generator, init)
-    text = DTYPES[m.text_encoder_dtype]
-    for module, dtype in ((parts.text_encoder, text), (parts.text_encoder_2, text), (parts.vae, DTYPES[m.vae_dtype])):
-        module.to(device) if next(module.parameters()).dtype == dtype else module.to(device, dtype)
+    parts.place(device, DTYPES[m.text_encoder_dtype], DTYPES[m.vae_dtype])
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2)
-    res = m.resolution
-    scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    if res % scale:
-        raise ValueError(f"model.resolution {res} must be a multiple of the VAE's downsampling factor {scale}")
-    shape = (parts.unet.config.in_channels, res // scale, res // scale)
-    uncond = encoder.uncond(res, res, m.uncond)
-    teacher = CFGDenoiser(nets.teacher, m.guidance_scale, uncond)
+    res, shape = m.resolution, parts.latent_shape(m.resolution)
+    cond_of = partial(encoder.cond, height=res, width=res)
+    teacher = CFGDenoiser(nets.teacher, m.guidance_scale, encoder.uncond(res, res, m.uncond))
     sampler = BackwardSimulationSampler(parts.schedule, cfg.sampler.grid(grid))
-
-    def cond_of(texts):
-        return {k: v.to(device) for k, v in encoder.cond(list(texts), res, res).items()}
-
-    def latents(batch, g, dev):
-        idx = torch.randint(len(prompts), (batch,), generator=g, device=g.device).tolist()
-        noise = torch.randn((batch, *shape), generator=g, device=dev)
-        return noise, cond_of(prompts[i] for i in idx)
-
+    layers = gan_layers(cfg, nets.fake_score, ["gan_tap"], configurable=False)  # the mid block (SDXLNets.gan_tap)
     head = gan_head(cfg, [parts.unet.config.block_out_channels[-1]])  # the mid block's channels
     real_data = None
     if head is not None:
-        def collate(items):  # -> posterior moments (B, 2, C, h, w), conditions of the captions
-            x = torch.stack([a for a, _ in items]).to(device)
-            moments = x if d.real_kind == "latents" else vae_moments(parts.vae, x)
-            if tuple(moments.shape[2:]) != shape:
-                raise ValueError(f"real latents have shape {tuple(moments.shape[2:])}; the run expects {shape} "
-                                 f"(model.resolution={res})")
-            return moments, cond_of(c for _, c in items)
-
+        collate = LatentCollate(cond_of, shape, vae=None if d.real_kind == "latents" else parts.vae)
         world = info.world_size if info is not None else 1
         moments_of = IndexedBatches(dataset, shards=world * t.grad_accum, batch=t.batch_size, seed=d.seed, collate=collate)
-
-        def real_data(step, shard, batch, dev):
-            """A fresh VAE-posterior sample of the batch's latents, keyed by (data.seed, step, shard)."""
-            moments, cond = moments_of(step, shard, batch, dev)
-            g = torch.Generator(device=moments.device).manual_seed(derive_seed(d.seed, step, shard))
-            return sample_posterior(moments, g), cond
-
+        real_data = PosteriorSamples(moments_of, partial(derive_seed, d.seed))
     sample_prompts = prompts[:4]
 
     def sample_fn(gen, dev):
-        g = torch.Generator(device=dev).manual_seed(0)
-        noise = torch.randn((len(sample_prompts), *shape), generator=g, device=dev)
-        x0 = sampler.sample(gen, noise, cond_of(sample_prompts), generator=g)
-        vae = parts.vae
-        img = vae.decode((x0 / vae.config.scaling_factor).to(next(vae.parameters()).dtype), return_dict=False)[0]
-        return img.float().clamp(-1, 1)
+        return _sample_grid(gen, sampler, cond_of, sample_prompts, shape, parts.vae, 0, dev)
 
     return Components(generator=nets.generator, fake_score=nets.fake_score, teacher=teacher, schedule=parts.schedule,
-                      sampler=sampler, latents=latents, real_data=real_data, gan_head=head,
-                      gan_layers=["gan_tap"] if head is not None else [], sample_fn=sample_fn,
+                      sampler=sampler, latents=PromptNoise(prompts, cond_of, shape), real_data=real_data,
+                      gan_head=head, gan_layers=layers, sample_fn=sample_fn,
                       sample_rows=[p if len(p) <= 40 else p[:39] + "~" for p in sample_prompts],  # one row per prompt
-                      fsdp_units=_unet_blocks if m.memory_mode == "full" else None)
+                      fsdp_units=unet_blocks if m.memory_mode == "full" else None)
 
 
 # ------------------------------------------------------------------------------------------------ trained students
@@ -396,11 +332,6 @@ def load_student_unet(path, weights: str = "ema", fuse: bool = True):
     return unet, cfg, parts, which
 
 
-def _latent_shape(cfg: SDXLConfig, parts) -> tuple[int, int, int]:
-    res, scale = cfg.model.resolution, 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    return (parts.unet.config.in_channels, res // scale, res // scale)
-
-
 def student(cfg: SDXLConfig, state_dict: dict[str, torch.Tensor]) -> Student:
     """The trained student (:attr:`Recipe.generator <dmd2.train.Recipe>`): the fused student UNet as a denoiser on
     the run's grid, ``G(noise (B, 4, R/8, R/8), cond) -> latents``; ``cond``: :meth:`PromptEncoder.cond
@@ -409,7 +340,7 @@ def student(cfg: SDXLConfig, state_dict: dict[str, torch.Tensor]) -> Student:
 
     unet, parts = student_unet(cfg, state_dict, fuse=True)
     G = SDXLDenoiser(unet, parts.schedule, parts.prediction_type, gan_layer=None)
-    return Student(G, BackwardSimulationSampler(parts.schedule, cfg.sampler.grid(grid)), _latent_shape(cfg, parts))
+    return Student(G, BackwardSimulationSampler(parts.schedule, cfg.sampler.grid(grid)), parts.latent_shape(cfg.model.resolution))
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -442,23 +373,18 @@ def sample_command(cfg: SDXLConfig, args: list[str]) -> int:
     unet, run_cfg, parts, _ = load_student_unet(args[0], cfg.export.weights, fuse=True)
     prompts = args[2:]
     if not prompts:
-        from ..data.prompts import read_prompts
-
-        src = run_cfg.data.prompts or str(Path(run_cfg.train.out) / "tiny-data" / "prompts.txt")
+        src = run_cfg.data.prompts or str(tiny_fixtures(run_cfg.train.out).prompts)
         prompts = read_prompts(src, key=run_cfg.data.prompt_key or None)[:4]
     dev = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    for module in (unet, parts.text_encoder, parts.text_encoder_2, parts.vae):
-        module.to(dev)
+    unet.to(dev)
+    parts.place(dev)
     res = run_cfg.model.resolution
     encoder = PromptEncoder(parts.tokenizer, parts.text_encoder, parts.tokenizer_2, parts.text_encoder_2)
     G = SDXLDenoiser(unet, parts.schedule, parts.prediction_type, gan_layer=None)
     sampler = BackwardSimulationSampler(parts.schedule, run_cfg.sampler.grid(grid))
-    g = torch.Generator(device=dev).manual_seed(cfg.train.seed)
-    noise = torch.randn((len(prompts), *_latent_shape(run_cfg, parts)), generator=g, device=dev)
-    with torch.no_grad():
-        x0 = sampler.sample(G, noise, encoder.cond(prompts, res, res), generator=g)
-        img = parts.vae.decode(x0 / parts.vae.config.scaling_factor, return_dict=False)[0]
-    print(save_png(img.float().clamp(-1, 1), args[1]))
+    img = _sample_grid(G, sampler, partial(encoder.cond, height=res, width=res), prompts, parts.latent_shape(res),
+                       parts.vae, cfg.train.seed, dev)
+    print(save_png(img, args[1]))
     return 0
 
 
@@ -474,7 +400,7 @@ def memory_command(cfg: SDXLConfig, args: list[str]) -> int:
 
 def cache_latents_command(cfg: SDXLConfig, args: list[str]) -> int:
     """``cache-latents OUT_DIR``: encode ``data.real`` (folder / webdataset) with the model's VAE."""
-    from ..data.sdxl_images import cache_latents, open_image_source
+    from ..data.sdxl_images import cache_latents
 
     if len(args) != 1:
         raise ValueError("usage: python -m dmd2.recipes.sdxl cache-latents OUT_DIR data.real=... data.real_kind=folder|webdataset")
@@ -482,7 +408,7 @@ def cache_latents_command(cfg: SDXLConfig, args: list[str]) -> int:
         raise ValueError("cache-latents reads data.real with data.real_kind=folder or webdataset")
     parts = load_sdxl(base_path(cfg), DTYPES[cfg.model.vae_dtype], cfg.model.local_files_only, components=("vae",))
     dev = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    parts.vae.to(dev)
+    parts.place(dev)
     ds = open_image_source(cfg.data.real_kind, cfg.data.real, cfg.model.resolution)
     print(cache_latents(ds, parts.vae, args[0], progress=lambda i, n: print(f"\r{i}/{n}", end="", file=sys.stderr)))
     return 0

@@ -146,28 +146,6 @@ def _shard_rows(path: Path, first: int) -> int:
         return 0
 
 
-def _tiny_inputs(cfg, info) -> str:
-    """The tiny preset's base model (``OUT/tiny-base``) and prompts, written by rank 0; returns the prompt file."""
-    from ..models.sdxl_tiny import write_tiny_sdxl
-    from ..train.distributed import barrier
-    from .sdxl import _write_tiny_data, base_path
-
-    base = Path(base_path(cfg))
-    if info.is_main:
-        if not (base / "model_index.json").is_file():
-            write_tiny_sdxl(base, seed=cfg.train.seed)
-        _write_tiny_data(Path(cfg.train.out) / "tiny-data", cfg.model.resolution)
-    barrier(info)
-    return cfg.data.prompts or str(Path(cfg.train.out) / "tiny-data" / "prompts.txt")
-
-
-def _latent_shape(parts, resolution: int) -> tuple[int, int, int]:
-    scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    if resolution % scale:
-        raise ValueError(f"model.resolution {resolution} must be a multiple of the VAE's downsampling factor {scale}")
-    return (parts.unet.config.in_channels, resolution // scale, resolution // scale)
-
-
 def _identity(cfg, prompts: list[str], shape, timesteps) -> dict:
     """What decides the pairs' values; a folder's ``pairs.json`` must agree with it to be continued."""
     import hashlib
@@ -188,22 +166,26 @@ def write_pairs(cfg, out: str | Path, info=None) -> Path:
     from ..core import CFGDenoiser
     from ..data.prompts import read_prompts
     from ..eval.samplers import ddim, euler_trailing_start, trailing_timesteps
-    from ..models.sdxl import PromptEncoder, SDXLDenoiser, load_sdxl
+    from ..models.sdxl import DTYPES, PromptEncoder, SDXLDenoiser, load_sdxl
+    from ..models.sdxl_tiny import write_tiny_fixtures
     from ..train import derive_seed
     from ..train.distributed import DistInfo, barrier
-    from .sdxl import DTYPES, base_path
+    from .sdxl import base_path
 
     info = info or DistInfo()
     m, o = cfg.model, cfg.ode
     out = Path(out)
-    prompts_path = _tiny_inputs(cfg, info) if m.tiny else cfg.data.prompts
+    prompts_path = cfg.data.prompts
+    if m.tiny:  # the tiny preset's model and prompts (OUT/tiny-base, OUT/tiny-data)
+        tiny = write_tiny_fixtures(cfg.train.out, m.resolution, seed=cfg.train.seed)
+        prompts_path = prompts_path or str(tiny.prompts)
     if not prompts_path:
         raise ValueError("data.prompts is empty; expected a .txt / .jsonl / .parquet file of prompts for the ODE pairs")
     prompts = read_prompts(prompts_path, key=cfg.data.prompt_key or None)
     dev = info.device
     parts = load_sdxl(base_path(cfg), DTYPES[m.frozen_dtype], m.local_files_only,
                       components=("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
-    shape = _latent_shape(parts, m.resolution)
+    shape = parts.latent_shape(m.resolution)
     timesteps = trailing_timesteps(o.teacher_steps, parts.schedule.num_train_timesteps)
     ident = _identity(cfg, prompts, shape, timesteps)
     index = out / "pairs.json"
@@ -375,17 +357,14 @@ def _decoder(cfg, parts):
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def _decode(vae, z: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (fp32) of latents in the UNet's (scaled) space."""
-    return vae.decode(z.float() / vae.config.scaling_factor, return_dict=False)[0].float()
-
-
 def ode_pretrain(cfg, pairs: str | Path, info=None) -> Path:
     """``ode-pretrain``: regress the generator onto ``pairs`` (module docstring); returns the last checkpoint."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_optimizer_state_dict)
 
-    from ..models.sdxl import PromptEncoder, SDXLDenoiser, load_sdxl
+    from ..data.sdxl_images import vae_decode
+    from ..models.sdxl import DTYPES, PromptEncoder, SDXLDenoiser, load_sdxl, unet_blocks
+    from ..models.sdxl_tiny import write_tiny_fixtures
     from ..train import IndexedBatches
     from ..train.checkpoint import read_checkpoint, resolve_resume, write_checkpoint
     from ..train.config import config_to_json
@@ -393,7 +372,7 @@ def ode_pretrain(cfg, pairs: str | Path, info=None) -> Path:
     from ..train.monitor import RunMonitor
     from ..train.metrics import NonFiniteError
     from ..train.trainer import _adamw
-    from .sdxl import DTYPES, _unet_blocks, base_path, grid
+    from .sdxl import base_path, grid
 
     info = info or DistInfo()
     m, t = cfg.model, cfg.train
@@ -404,11 +383,11 @@ def ode_pretrain(cfg, pairs: str | Path, info=None) -> Path:
         raise ValueError("ode-pretrain runs with train.distributed=none or ddp (the official regression used DDP)")
     (t_star,) = cfg.sampler.grid(grid)
     if m.tiny:
-        _tiny_inputs(cfg, info)
+        write_tiny_fixtures(t.out, m.resolution, seed=t.seed)
     data = ODEPairs(pairs, cfg.ode.num)
     lp = build_lpips(cfg.ode.lpips_net, cfg.ode.lpips_pretrained, cfg.ode.lpips_backbone)  # before the UNet: fails fast
     parts = load_sdxl(base_path(cfg), torch.float32, m.local_files_only)
-    shape = _latent_shape(parts, m.resolution)
+    shape = parts.latent_shape(m.resolution)
     if tuple(data.latent_shape) != shape:
         raise ValueError(f"{pairs}: latents of shape {data.latent_shape}, the model at model.resolution={m.resolution} "
                          f"makes {shape}")
@@ -420,7 +399,7 @@ def ode_pretrain(cfg, pairs: str | Path, info=None) -> Path:
     gen = SDXLDenoiser(unet, parts.schedule, parts.prediction_type, gan_layer=None)
     if t.grad_checkpointing:
         gen.enable_gradient_checkpointing()
-    gen_w = wrap_trained(gen, info, t.mixed_precision, _unet_blocks)
+    gen_w = wrap_trained(gen, info, t.mixed_precision, unet_blocks)
     params = [p for p in gen.parameters() if p.requires_grad]
     opt = _adamw(params, lr=t.lr_generator, betas=tuple(t.betas), eps=t.adam_eps, weight_decay=t.weight_decay)
     vae = _decoder(cfg, parts).to(dev).requires_grad_(False).eval()
@@ -463,8 +442,8 @@ def ode_pretrain(cfg, pairs: str | Path, info=None) -> Path:
                     with autocast:
                         x0 = gen_w(noise, ts, encoder.cond(prompts, res, res))
                     with torch.no_grad():
-                        ref = _decode(vae, target)
-                    loss = lp(_decode(vae, x0), ref).mean()  # fp32: decoder and LPIPS outside autocast
+                        ref = vae_decode(vae, target)
+                    loss = lp(vae_decode(vae, x0), ref).mean()  # fp32: decoder and LPIPS outside autocast
                     (loss / accum).backward()
                 acc += torch.stack([loss.detach(), torch.ones((), device=dev)])
                 bad += (~torch.isfinite(loss.detach())).float()

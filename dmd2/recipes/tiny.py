@@ -27,7 +27,7 @@ from torch import nn
 from ..core import BackwardSimulationSampler, VPSchedule
 from ..models.mixture import GaussianMixtureDenoiser
 from ..train import Components, Recipe, RecipeConfig, Student, main
-from ..train.config import GANConfig, gan_head
+from ..train.config import GANConfig, gan_head, gan_layers
 from ..train.randomness import derive_seed
 
 __all__ = ["TinyConfig", "TinyModelConfig", "TinyDataConfig", "TinyDenoiser", "mixture_means", "build", "student",
@@ -131,6 +131,7 @@ def build(cfg: TinyConfig, info=None) -> Components:
     means = mixture_means(d)
     teacher = GaussianMixtureDenoiser(means, d.std, schedule)
     fake_score = copy.deepcopy(generator)
+    layers = gan_layers(cfg, fake_score, ["mid"], configurable=False)
     head = gan_head(cfg, [m.hidden])
     shape = (d.channels, d.resolution, d.resolution)
 
@@ -150,7 +151,7 @@ def build(cfg: TinyConfig, info=None) -> Components:
 
     return Components(generator=generator, fake_score=fake_score, teacher=teacher, schedule=schedule, sampler=sampler,
                       latents=latents, real_data=real_data if head is not None else None, gan_head=head,
-                      gan_layers=["mid"] if head is not None else [],
+                      gan_layers=layers,
                       sample_fn=sample_fn, checkpoint_units=lambda mod: [mod.mid, mod.out])
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from torch import nn
+
 from ..core.gan import GANHead
 from ..core.objective import DMD2Config
 
@@ -185,12 +187,17 @@ class GANConfig:
     With both at 0 no head is built, run or saved, and the trainer asks for no real images.
 
     Attributes:
+        layers: fake-score submodules whose outputs the head reads (one branch each, logits summed), as dotted module
+            names inside the fake score (``FeatureHooks`` names, e.g. ``model.enc.8x8_block0,model.enc.16x16_block0``
+            for MNIST's ADM); empty: the recipe's tap (its network's bottleneck / mid block). Recipes whose tap is
+            fixed (sdxl, tiny) refuse a non-empty value.
         hidden: width of the head's conv blocks.
         depth: stride-2 4x4 conv blocks (each + GroupNorm + SiLU).
         final_conv: end with a 4x4 conv of stride 4 (a 4x4 map -> 1x1) + GroupNorm + SiLU, as the official heads do
             (SDXL: hidden 1280, depth 3; ImageNet-64: hidden 768, depth 1); else a global average pool.
     """
 
+    layers: tuple[str, ...] = ()
     hidden: int = 256
     depth: int = 2
     final_conv: bool = False
@@ -224,6 +231,27 @@ def gan_head(cfg: RecipeConfig, in_channels: Sequence[int]) -> GANHead | None:
         return None
     g = cfg.gan
     return GANHead(in_channels, hidden=g.hidden, depth=g.depth, final_conv=g.final_conv)
+
+
+def gan_layers(cfg: RecipeConfig, fake_score: nn.Module, default: Sequence[str], configurable: bool = True) -> list[str]:
+    """The fake-score submodules the GAN head reads: ``cfg.gan.layers``, or the recipe's ``default`` tap when that is
+    empty; ``[]`` when :func:`gan_enabled` is false. ``ValueError`` (one line) for a name that is not a submodule of
+    ``fake_score``, or for any value when the recipe's tap is fixed (``configurable=False``)."""
+    chosen = list(cfg.gan.layers)
+    if chosen and not configurable:
+        raise ValueError(f"gan.layers: this recipe's GAN head reads {list(default)} only; leave gan.layers empty, "
+                         f"got {','.join(chosen)}")
+    if not gan_enabled(cfg):
+        return []
+    layers = chosen or list(default)
+    names = {n for n, _ in fake_score.named_modules()}
+    for layer in layers:
+        if layer not in names:
+            near = sorted(n for n in names if n and n.count(".") == layer.count("."))[:6]
+            raise ValueError(f"gan.layers: {layer!r} is not a submodule of the fake score (e.g. {', '.join(near)})")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"gan.layers: each layer once, got {','.join(layers)}")
+    return layers
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -104,6 +104,37 @@ def test_simulate_draws_k_from_its_generator_only():
         BackwardSimulationSampler(EDMSchedule(), [2.0, 80.0])
 
 
+def test_simulate_hands_a_cuda_generator_to_draw_k_and_refuses_one_on_another_device(monkeypatch):
+    """Only its device is read before a draw, so a stand-in shows what ``simulate`` does with a CUDA generator
+    without a GPU: it draws ``k`` from it (not from the global RNG, as it once did), and a re-noise on CPU ``noise``
+    is refused with one line naming both devices."""
+    smp = BackwardSimulationSampler(EDMSchedule(), [80.0, 20.0, 2.0, 0.2])
+
+    class OnCuda:
+        device = torch.device("cuda")
+
+    gen, seen = OnCuda(), []
+    monkeypatch.setattr(smp, "draw_k", lambda g: seen.append(g) or 1)
+    assert smp.simulate(CountingG(), torch.randn(3, 2), generator=gen).k == 1
+    assert seen == [gen]
+    G = CountingG()
+    with pytest.raises(ValueError, match=r"noise's device cpu, but the generator is on cuda"):
+        smp.simulate(G, torch.randn(3, 2), k=2, generator=gen)
+    assert not G.calls  # refused before the generator runs
+
+
+@pytest.mark.gpu
+def test_simulate_on_cuda_draws_only_from_its_cuda_generator():
+    smp = BackwardSimulationSampler(EDMSchedule(), [80.0, 20.0, 2.0, 0.2])
+    G = CountingG().cuda()
+    noise = torch.randn(3, 2, device="cuda")
+    cpu_state, cuda_state = torch.get_rng_state(), torch.cuda.get_rng_state()
+    sims = [smp.simulate(G, noise, generator=torch.Generator("cuda").manual_seed(s)) for s in range(40)]
+    assert torch.equal(torch.get_rng_state(), cpu_state) and torch.equal(torch.cuda.get_rng_state(), cuda_state)
+    assert [s.k for s in sims] == [smp.draw_k(torch.Generator("cuda").manual_seed(s)) for s in range(40)]
+    assert {s.k for s in sims} == {1, 2, 3, 4} and all(s.x_t.is_cuda for s in sims)
+
+
 def test_sample_equals_manual_loop_with_given_noises():
     vp = VPSchedule.scaled_linear()
     ts = [999, 749, 499, 249]

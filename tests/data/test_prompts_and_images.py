@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from dmd2.data.prompts import read_prompts
-from dmd2.data.sdxl_images import (ImageCaptionFolder, LatentCache, WebDatasetShards, cache_latents, load_image,
-                                   open_image_source, sample_posterior, vae_moments)
+from dmd2.data.prompts import PromptNoise, read_prompts
+from dmd2.data.sdxl_images import (ImageCaptionFolder, LatentCache, LatentCollate, PosteriorSamples, WebDatasetShards,
+                                   cache_latents, load_image, open_image_source, sample_posterior, vae_moments)
 
 PROMPTS = ["a red cube", "the cat, on a mat", "ünïcode \"quoted\" prompt"]
 
@@ -187,3 +187,40 @@ def test_sample_posterior_is_keyed_and_has_the_posterior_moments():
     assert ((emp_std / torch.tensor([0.1, 1.5]) - 1).abs() < 0.02).all()
     with pytest.raises(ValueError, match=r"\(B, 2, C, h, w\)"):
         sample_posterior(mean, torch.Generator())
+
+
+def test_latent_collate_encodes_images_keeps_cached_moments_and_refuses_another_shape():
+    vae = _TinyVAE()
+    x = torch.rand(3, 3, 8, 8) * 2 - 1
+    moments, cond = LatentCollate(list, (2, 4, 4), vae=vae)([(x[i], PROMPTS[i]) for i in range(3)])
+    assert torch.equal(moments, vae_moments(vae, x)) and cond == PROMPTS
+    cached = [(moments[i], PROMPTS[i]) for i in range(3)]  # LatentCache items: the moments themselves
+    again, _ = LatentCollate(list, (2, 4, 4))(cached)
+    assert torch.equal(again, moments)
+    with pytest.raises(ValueError, match=r"real latents have shape \(2, 4, 4\); the run expects \(2, 8, 8\)"):
+        LatentCollate(list, (2, 8, 8))(cached)
+
+
+def test_posterior_samples_draw_from_the_batch_key():
+    moments = torch.stack([torch.zeros(2, 2, 3, 3), torch.ones(2, 2, 3, 3)], dim=1)
+    calls = []
+
+    def moments_of(step, shard, batch, device):
+        calls.append((step, shard, batch, device))
+        return moments, "cond"
+
+    draw = PosteriorSamples(moments_of, lambda step, shard: 100 * step + shard)
+    z, cond = draw(2, 1, 2, "cpu")
+    assert cond == "cond" and calls == [(2, 1, 2, "cpu")]
+    assert torch.equal(z, sample_posterior(moments, torch.Generator().manual_seed(201)))
+    assert torch.equal(draw(2, 1, 2, "cpu")[0], z)  # the same read, the same sample
+    assert not torch.equal(draw(2, 0, 2, "cpu")[0], z) and not torch.equal(draw(3, 1, 2, "cpu")[0], z)
+
+
+def test_prompt_noise_draws_prompts_then_noise_from_the_callers_generator():
+    noise, cond = PromptNoise(PROMPTS, list, (2, 3, 3))(5, torch.Generator().manual_seed(7), torch.device("cpu"))
+    g = torch.Generator().manual_seed(7)
+    assert cond == [PROMPTS[i] for i in torch.randint(3, (5,), generator=g).tolist()]
+    assert torch.equal(noise, torch.randn((5, 2, 3, 3), generator=g))
+    with pytest.raises(ValueError, match="non-empty list of prompts"):
+        PromptNoise([], list, (2, 3, 3))

@@ -6,7 +6,7 @@ import torch
 
 from dmd2.models.sdxl import (AdapterSwitch, DiffusersVPSchedule, PromptEncoder, SDXLDenoiser, add_lora,
                               build_networks, load_sdxl, time_ids)
-from dmd2.models.sdxl_tiny import TINY_TEXT_DIM
+from dmd2.models.sdxl_tiny import TINY_PROMPTS, TINY_TEXT_DIM, tiny_fixtures, write_tiny_fixtures
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,40 @@ def _cond(encoder, n=2):
 
 
 # ------------------------------------------------------------------------------------------------ loading
+def test_tiny_fixtures_are_written_once_where_their_paths_say(tmp_path):
+    from dmd2.data.prompts import read_prompts
+    from dmd2.data.sdxl_images import ImageCaptionFolder
+
+    f = write_tiny_fixtures(tmp_path / "run", 16, seed=0)
+    assert f == tiny_fixtures(tmp_path / "run") and f.base == tmp_path / "run" / "tiny-base"
+    assert read_prompts(f.prompts) == list(TINY_PROMPTS)
+    images = ImageCaptionFolder(f.images, 16)
+    assert images.captions() == list(TINY_PROMPTS) and images[0][0].shape == (3, 16, 16)
+    weights = (f.base / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    f.prompts.write_text("kept\n")
+    write_tiny_fixtures(tmp_path / "run", 16, seed=1)  # every part present: nothing is written again
+    assert f.prompts.read_text() == "kept\n"
+    assert (f.base / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+
+
+def test_latent_shape_is_the_vae_factor_and_refuses_other_resolutions(parts):
+    assert parts.latent_shape(32) == (4, 16, 16) and parts.latent_shape(48) == (4, 24, 24)  # tiny VAE: factor 2
+    with pytest.raises(ValueError, match="model.resolution 33 must be a multiple of the VAE's downsampling factor 2"):
+        parts.latent_shape(33)
+
+
+def test_place_casts_text_encoders_and_vae_and_leaves_the_unet(sdxl_tiny_base):
+    p = load_sdxl(sdxl_tiny_base, local_files_only=True)
+    assert p.place("cpu", torch.bfloat16, None) is p
+    dtypes = {name: {q.dtype for q in getattr(p, name).parameters()}
+              for name in ("text_encoder", "text_encoder_2", "vae", "unet")}
+    assert dtypes == {"text_encoder": {torch.bfloat16}, "text_encoder_2": {torch.bfloat16}, "vae": {torch.float32},
+                      "unet": {torch.float32}}
+    p.place("cpu", None, torch.float16)
+    assert {q.dtype for q in p.vae.parameters()} == {torch.float16}
+    assert {q.dtype for q in p.text_encoder.parameters()} == {torch.bfloat16}
+
+
 def test_offline_hub_id_error_names_the_path(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"nonexistent-org/no-such-sdxl.*(HF_HUB_OFFLINE|Downloads are off)"):

@@ -63,3 +63,31 @@ def test_configs_written_before_the_gan_section_still_load():
     assert cfg.gan.hidden == 16 and cfg.model.hidden == 16
     with pytest.raises(ValueError, match="unknown config key 'model.nope'"):
         config_from_dict(tiny.TinyConfig(), {"model": {"nope": 1}})
+
+
+def test_mnist_gan_layers_picks_the_tapped_features(tmp_path):
+    """``gan.layers``: one head branch per named fake-score module (channels from that module); empty = the
+    recipe's bottleneck; a name that is not a module, a repeat, or any name in a fixed-tap recipe: one-line error."""
+    mod = _recipe("mnist")
+    default = mod.build(resolve_config(mod.RECIPE, "tiny", out=str(tmp_path)))
+    assert list(default.gan_layers) == ["model.enc.8x8_block0"] and default.gan_head.in_channels == [32]
+    two = ["model.enc.8x8_block0", "model.enc.16x16_block0"]
+    c = mod.build(resolve_config(mod.RECIPE, "tiny", [f"gan.layers={','.join(two)}"], out=str(tmp_path)))
+    assert list(c.gan_layers) == two
+    assert c.gan_head.in_channels == [c.fake_score.get_submodule(n).out_channels for n in two]
+    assert len(c.gan_head.branches) == 2
+    for bad, msg in (("model.enc.nope", "not a submodule of the fake score"),
+                     ("model.enc.8x8_block0,model.enc.8x8_block0", "each layer once")):
+        with pytest.raises(ValueError, match=msg):
+            mod.build(resolve_config(mod.RECIPE, "tiny", [f"gan.layers={bad}"], out=str(tmp_path)))
+    tiny = _recipe("tiny")
+    with pytest.raises(ValueError, match="reads \\['mid'\\] only"):
+        tiny.build(resolve_config(tiny.RECIPE, "tiny", ["gan.layers=mid", "objective.gan_generator_weight=1e-3"],
+                                  out=str(tmp_path)))
+
+
+def test_mnist_two_tapped_layers_train(tmp_path):
+    from dmd2.recipes import mnist
+
+    assert main(mnist.RECIPE, ["--preset", "tiny", "--out", str(tmp_path), "train.progress=false",
+                               "gan.layers=model.enc.8x8_block0,model.enc.16x16_block0"]) == 0

@@ -2,8 +2,9 @@
 
 Runs on CUDA tensors, or on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this module
 was imported (Triton decides at ``@triton.jit`` time). Kernels load every input with ``.to(tl.float32)`` (fp32 math,
-bf16 / fp16 inputs upcast on load) and store in the output's dtype. One module per op family: ``noise`` (Philox noise,
-fused noising), ``dm`` (distribution matching), ``denoise`` (the critic's loss).
+bf16 / fp16 inputs upcast on load) and store in the output's dtype, rounded once to nearest even (``_common.store``,
+which also does so in the interpreter, whose own bf16 cast truncates). One module per op family: ``noise`` (Philox
+noise, fused noising), ``dm`` (distribution matching), ``denoise`` (the critic's loss).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import alloc, block_size, per_sample, rows
+from ._common import alloc, block_size, per_sample, rows, store
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _denoise_bwd_kernel(pred_ptr, x0_ptr, coef_ptr, grad_ptr, n, seed, offset, T
     mask = cols < n
     idx = b.to(tl.int64) * n + cols
     d = tl.load(pred_ptr + idx, mask=mask, other=0.0).to(tl.float32) - _target(x0_ptr, idx, mask, seed, offset, TARGET_EPS)
-    tl.store(grad_ptr + idx, (tl.load(coef_ptr + b) * d).to(grad_ptr.dtype.element_ty), mask=mask)
+    store(grad_ptr + idx, tl.load(coef_ptr + b) * d, mask)
 
 
 class _DenoiseLoss(torch.autograd.Function):

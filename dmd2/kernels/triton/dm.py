@@ -7,8 +7,10 @@ Two passes over memory, grid ``(blocks per sample, B)``:
 2. ``_dm_grad_kernel`` sums its sample's partials (a few dozen floats) into the normaliser, re-reads the inputs plus
    ``fake``, writes ``g`` (optionally both x0 estimates) and one partial sum of ``g^2`` per program for the loss value.
 
-Autograd: the surrogate loss's backward is ``grad_out * g / x.numel()`` (``0.5 * mse(x, (x - g).detach())``); ``dm_grad``
-is differentiable in all three inputs through :func:`dmd2.kernels.reference.dm_grad_vjp` (as the extension's).
+Autograd: the surrogate loss's backward is ``grad_out * g / x.numel()`` (``0.5 * mse(x, (x - g).detach())``), scaled
+in float32 from the float32 ``g`` and rounded once to ``x``'s dtype, as the reference's autograd does (for bf16 / fp16
+``x`` that needs grad, the second pass also writes ``g`` in float32 for the backward); ``dm_grad`` is differentiable in
+all three inputs through :func:`dmd2.kernels.reference.dm_grad_vjp` (as the extension's).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import alloc, block_size, per_sample, rows
+from ._common import alloc, block_size, per_sample, rows, store
 
 
 @triton.jit
@@ -62,8 +64,8 @@ def _dm_norm_kernel(
 @triton.jit
 def _dm_grad_kernel(
     xt_ptr, cond_ptr, uncond_ptr, fake_ptr, alpha_ptr, sigma_ptr, part_ptr, grad_ptr, norm_ptr, sq_ptr,
-    real_out_ptr, fake_out_ptr, n, n_blocks, scale, eps,
-    HAS_UNCOND: tl.constexpr, PRED_EPS: tl.constexpr, RETURN_X0: tl.constexpr,
+    real_out_ptr, fake_out_ptr, g32_ptr, n, n_blocks, scale, eps,
+    HAS_UNCOND: tl.constexpr, PRED_EPS: tl.constexpr, RETURN_X0: tl.constexpr, STORE_G32: tl.constexpr,
     BLOCK: tl.constexpr, BLOCKS_POW2: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -78,16 +80,20 @@ def _dm_grad_kernel(
         xt = tl.load(xt_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         fake = (xt - s * fake) / a
     g = (fake - real) / norm
-    tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    store(grad_ptr + idx, g, mask)
+    if STORE_G32:
+        tl.store(g32_ptr + idx, g, mask=mask)
     if RETURN_X0:
-        tl.store(real_out_ptr + idx, real.to(real_out_ptr.dtype.element_ty), mask=mask)
-        tl.store(fake_out_ptr + idx, fake.to(fake_out_ptr.dtype.element_ty), mask=mask)
+        store(real_out_ptr + idx, real, mask)
+        store(fake_out_ptr + idx, fake, mask)
     tl.store(sq_ptr + b * n_blocks + pid, tl.sum(tl.where(mask, g * g, 0.0), axis=0))
     tl.store(norm_ptr + b, norm, mask=pid == 0)
 
 
 def _launch(x, x_t, real_cond, real_uncond, fake, alpha, sigma, guidance_scale, prediction, eps, return_x0):
-    """Run both passes; returns ``(g, norm, sum of g^2 as a 0-d float32 tensor, real_x0, fake_x0)``."""
+    """Run both passes; returns ``(g, norm, sum of g^2 as a 0-d float32 tensor, real_x0, fake_x0, g32)`` with ``g32``
+    the float32 ``g`` that the surrogate's backward scales (``g`` itself for float32 ``x`` or when no gradient of ``x``
+    is wanted)."""
     batch, dev = x.shape[0], x.device
     pred_eps = prediction == "eps"
     xr, cr, fr = rows(x, batch), rows(real_cond, batch), rows(fake, batch)
@@ -104,29 +110,33 @@ def _launch(x, x_t, real_cond, real_uncond, fake, alpha, sigma, guidance_scale, 
     norm = alloc((batch,), torch.float32, dev)
     real_out = alloc(x.shape, x.dtype, dev) if return_x0 else None
     fake_out = alloc(x.shape, x.dtype, dev) if return_x0 else None
+    store_g32 = x.dtype != torch.float32 and x.requires_grad and torch.is_grad_enabled()
+    g32 = alloc(x.shape, torch.float32, dev) if store_g32 else grad
     scale = float(guidance_scale)
     flags = dict(HAS_UNCOND=ur is not None, PRED_EPS=pred_eps)
     _dm_norm_kernel[(n_blocks, batch)](xr, xtr, cr, ur, a, s, part, n, n_blocks, scale, BLOCK=block, **flags)
     _dm_grad_kernel[(n_blocks, batch)](
-        xtr, cr, ur, fr, a, s, part, grad, norm, sq, real_out, fake_out, n, n_blocks, scale, float(eps),
-        RETURN_X0=return_x0, BLOCK=block, BLOCKS_POW2=triton.next_power_of_2(n_blocks), **flags,
+        xtr, cr, ur, fr, a, s, part, grad, norm, sq, real_out, fake_out, g32 if store_g32 else None, n, n_blocks,
+        scale, float(eps), RETURN_X0=return_x0, STORE_G32=store_g32, BLOCK=block,
+        BLOCKS_POW2=triton.next_power_of_2(n_blocks), **flags,
     )
-    return grad, norm, sq.sum(), real_out, fake_out
+    return grad, norm, sq.sum(), real_out, fake_out, g32
 
 
 class _DMSurrogate(torch.autograd.Function):
-    """``loss = 0.5 * sum(g^2) / N`` (the value of ``0.5 * mse(x, x - g)``); ``d loss / d x = grad_out * g / N``."""
+    """``loss = 0.5 * sum(g^2) / N`` (the value of ``0.5 * mse(x, x - g)``); ``d loss / d x = grad_out * g / N``,
+    computed in float32 from the saved ``g`` and rounded once to ``x``'s dtype."""
 
     @staticmethod
     def forward(ctx, x, g, sq_sum):
         ctx.save_for_backward(g)
-        ctx.numel = x.numel()
+        ctx.numel, ctx.dtype = x.numel(), x.dtype
         return 0.5 * sq_sum / x.numel()
 
     @staticmethod
     def backward(ctx, grad_out):
         (g,) = ctx.saved_tensors
-        return (g * (grad_out / ctx.numel)).to(g.dtype), None, None
+        return (g.float() * (grad_out.float() / ctx.numel)).to(ctx.dtype), None, None
 
 
 def fused_dm(
@@ -135,17 +145,17 @@ def fused_dm(
 ) -> reference.FusedDMOutput:
     """Triton version of :func:`dmd2.kernels.reference.fused_dm` (two passes over memory)."""
     reference.check_fused_dm_inputs(x, x_t, real_cond, real_uncond, fake, alpha, sigma, guidance_scale, prediction)
-    g, norm, sq_sum, real_x0, fake_x0 = _launch(
+    g, norm, sq_sum, real_x0, fake_x0, g32 = _launch(
         x, x_t, real_cond, real_uncond, fake, alpha, sigma, guidance_scale, prediction, eps, return_x0
     )
-    loss = _DMSurrogate.apply(x, g, sq_sum)
+    loss = _DMSurrogate.apply(x, g32, sq_sum)
     return reference.FusedDMOutput(loss, g, norm, real_x0, fake_x0)
 
 
 def _dm(x, real_x0, fake_x0, eps):
     """``(g shaped like x, sum of g^2)``: ``fused_dm`` without guidance or conversion; ``(B,)`` inputs as ``(B, 1)``."""
     xx, rr, ff = (t[:, None] if x.dim() == 1 else t for t in (x, real_x0, fake_x0))
-    g, _, sq_sum, _, _ = _launch(xx, None, rr, None, ff, None, None, 1.0, "x0", eps, False)
+    g, _, sq_sum, _, _, _ = _launch(xx.detach(), None, rr, None, ff, None, None, 1.0, "x0", eps, False)
     return g.view(x.shape), sq_sum
 
 

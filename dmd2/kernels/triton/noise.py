@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ._common import alloc, block_size, per_sample, rows
+from ._common import alloc, block_size, per_sample, rows, store
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _noise_add_fwd_kernel(x0_ptr, alpha_ptr, sigma_ptr, out_ptr, n, seed, offset
     s = tl.load(sigma_ptr + b)
     x0 = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     eps = tl.randn(seed, offset + idx)
-    tl.store(out_ptr + idx, (a * x0 + s * eps).to(out_ptr.dtype.element_ty), mask=mask)
+    store(out_ptr + idx, a * x0 + s * eps, mask)
 
 
 @triton.jit
@@ -59,7 +59,7 @@ def _noise_add_bwd_kernel(
     g = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if NEED_X0:
         a = tl.load(alpha_ptr + b)
-        tl.store(grad_x0_ptr + idx, (a * g).to(grad_x0_ptr.dtype.element_ty), mask=mask)
+        store(grad_x0_ptr + idx, a * g, mask)
     if NEED_ALPHA:
         x0 = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         tl.store(part_alpha_ptr + b * n_blocks + pid, tl.sum(g * x0, axis=0))
