@@ -14,7 +14,7 @@ recorded whatever the others did (a part that fails or runs out of time is writt
 * ``pytest`` (100 / 90): ``pytest -m "gpu or triton" tests`` (the extension's CUDA kernels, every implementation's
   contract on CUDA, the Triton kernels vs the reference on CUDA) with a junit XML; the dry run runs ``-m gpu``: it
   collects the same tests and skips them ("needs a CUDA GPU"); CI's test run covers the Triton ones in the interpreter.
-* ``sdxl_plan`` (25 / 90): ``python -m dmd2.recipes.sdxl memory json``, the planned memory per mode (dry: batch 1 at
+* ``sdxl_plan`` (25 / 90): ``python -m dmd2.recipes.sdxl memory --json``, the planned memory per mode (dry: batch 1 at
   256 px).
 * ``step_imagenet64`` (55 / 90): ``benchmarks/step.py --config imagenet64`` (the 296M ADM, batch 40, bf16, random
   weights; dry: ``tiny-imagenet`` on CPU).
@@ -183,7 +183,7 @@ def commands(dry: bool, out: Path, work: Path) -> dict[str, list[str]]:
         "ext_build": [PY, "-m", "dmd2.kernels.cuda", "--cpu" if dry else "--build", "--quiet"],
         "pytest": [PY, "-m", "pytest", "-m", "gpu" if dry else "gpu or triton", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
                    f"--junitxml={out / 'pytest-gpu.xml'}", str(ROOT / "tests")],
-        "sdxl_plan": [PY, "-m", "dmd2.recipes.sdxl", "memory", "json"]
+        "sdxl_plan": [PY, "-m", "dmd2.recipes.sdxl", "memory", "--json"]
                      + (["train.batch_size=1", "model.resolution=256"] if dry else []),
         "kernels": [PY, str(HERE / "run.py"), "--csv", str(out / "kernels.csv"), "--providers", "torch,triton,ext"]
                    + (["--quick"] if dry else ["--rep-ms", "100"]),

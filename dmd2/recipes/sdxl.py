@@ -394,7 +394,10 @@ def memory_command(cfg: SDXLConfig, args: list[str]) -> int:
 
     plan = memory_plan(cfg.gan, batch=cfg.train.batch_size, resolution=cfg.model.resolution,
                        lora_rank=cfg.model.lora_rank, text_encoder_bytes=DTYPES[cfg.model.text_encoder_dtype].itemsize)
-    print(json.dumps(plan, indent=2) if "--json" in args or "json" in args else memory_table(plan))
+    extra = [a for a in args if a not in ("--json", "json")]
+    if extra:
+        raise ValueError(f"memory takes --json and config overrides only, got {extra}")
+    print(json.dumps(plan, indent=2) if args else memory_table(plan))
     return 0
 
 
@@ -487,7 +490,7 @@ def next_steps(cfg: SDXLConfig, ckpt: Path) -> list[str]:
 RECIPE = Recipe(name="sdxl", config=DEFAULT_CONFIG, build=build, presets=PRESETS, next_steps=next_steps,
                 commands={"export": export_command, "sample": sample_command, "memory": memory_command, "cache-latents": cache_latents_command,
                           "eval": eval_command, "ode-pairs": ode_pairs_command, "ode-pretrain": ode_pretrain_command},
-                flags={"--num": "ode.num"}, generator=student)
+                flags={"--num": "ode.num"}, command_flags={"memory": ("--json",)}, generator=student)
 
 if __name__ == "__main__":
     from dmd2.train.distributed import exit_process

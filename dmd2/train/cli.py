@@ -58,6 +58,8 @@ class Recipe:
             has ``tiny``.
         commands: extra sub-commands, name -> ``fn(cfg, args) -> exit code`` (``args``: the positional arguments).
         flags: extra options that set one config key each, e.g. ``{"--num": "ode.num"}`` (applied like ``--steps``).
+        command_flags: switches a sub-command takes, passed to it among its ``args``, e.g. ``{"memory": ("--json",)}``
+            (any other ``--option`` is refused before the command runs).
         next_steps: ``next_steps(cfg, checkpoint) -> [command line, ...]``: what to run on a finished run (sample,
             export, evaluate), printed in the summary after ``train``.
         generator: ``generator(cfg, state_dict) -> Student`` (:class:`~dmd2.train.loading.Student`): the run's
@@ -74,6 +76,7 @@ class Recipe:
     presets: Mapping[str, Any] = field(default_factory=dict)
     commands: Mapping[str, Callable[[RecipeConfig, list[str]], int]] = field(default_factory=dict)
     flags: Mapping[str, str] = field(default_factory=dict)
+    command_flags: Mapping[str, Sequence[str]] = field(default_factory=dict)
     next_steps: Callable[[RecipeConfig, Path], Sequence[str]] | None = None
     generator: Callable | None = None
     after_train: Callable[[RecipeConfig, TrainResult], None] | None = None
@@ -301,14 +304,15 @@ def main(recipe: Recipe, argv: Sequence[str] | None = None) -> int:
         command = argv.pop(0)
     parser = _parser(recipe)
     args, rest = parser.parse_known_args(argv)
-    unknown_flags = [r for r in rest if r.startswith("-")]
+    switches = set(recipe.command_flags.get(command, ()))
+    unknown_flags = [r for r in rest if r.startswith("-") and r not in switches]
     try:
         if unknown_flags:
             raise ValueError(f"unknown option(s) {unknown_flags}; see --help")
         if command != "train" and command not in recipe.commands:
             raise ValueError(f"unknown command {command!r}; valid commands: {', '.join(['train', *recipe.commands])}")
         overrides = [r for r in rest if "=" in r]
-        positional = [r for r in rest if "=" not in r]
+        positional = [r for r in rest if "=" not in r]  # with the command's own switches, in order
         if command == "train" and positional:
             raise ValueError(f"train takes no positional arguments, got {positional} (overrides look like key.sub=value)")
         flagged = [f"{key}={getattr(args, 'flag:' + key)}" for key in recipe.flags.values()

@@ -182,3 +182,20 @@ def test_lora_param_count_matches_peft(sdxl_tiny_base):
     names = add_lora(u, "x", rank=4)
     params = dict(u.named_parameters())
     assert sum(params[k].numel() for k in names) == expected
+
+
+def test_memory_command_takes_json_as_a_switch(capsys):
+    """``sdxl memory --json`` prints the plan as JSON (the shared parser passes the command's own switches on); any
+    other option is refused with one line naming it."""
+    import json
+
+    from dmd2.recipes.sdxl import RECIPE
+    from dmd2.train import main
+
+    assert main(RECIPE, ["memory", "--json", "train.batch_size=1"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan and isinstance(plan, (dict, list))
+    assert main(RECIPE, ["memory", "--jsn"]) == 2
+    assert "unknown option(s) ['--jsn']" in capsys.readouterr().err
+    assert main(RECIPE, ["export", "--json"]) == 2  # a switch of memory only
+    assert "unknown option(s) ['--json']" in capsys.readouterr().err
