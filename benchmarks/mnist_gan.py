@@ -90,6 +90,11 @@ def arms(root: Path) -> dict[str, dict]:
     }
 
 
+def arm_overrides(spec: dict) -> list[str]:
+    """What an arm changes from the default command, as recorded in the results: ``--preset P`` then its overrides."""
+    return ([f"--preset {spec['preset']}"] if spec.get("preset") else []) + spec["overrides"]
+
+
 def run_dir(root: Path, arm: str, seed: int) -> Path:
     return root / arm / f"seed-{seed}"
 
@@ -176,10 +181,15 @@ def collect(root: Path) -> dict:
             acc.append(s["label_accuracy"])
             fid_std.append(s["fid_std"])
         if seeds:
-            result["arms"][name] = {"overrides": ([f"--preset {spec['preset']}"] if spec["preset"] else []) + spec["overrides"],
+            result["arms"][name] = {"overrides": arm_overrides(spec),
                                     "seeds": seeds, "seed_kind": "training", "fid_by_training_seed": fid,
                                     "label_accuracy_by_training_seed": acc, "eval_fid_std_by_training_seed": fid_std}
     return result
+
+
+def _code_list(items: list[str]) -> str:
+    """Markdown: each item as code, space-separated; ``(none)`` for an empty list."""
+    return " ".join(f"`{o}`" for o in items) or "(none)"
 
 
 def _mean_std(v: list[float]) -> tuple[float, float]:
@@ -194,7 +204,7 @@ def table(result: dict) -> str:
         a, _ = _mean_std(r["label_accuracy_by_training_seed"])
         ev = r.get("eval_fid_std_by_training_seed")
         evs = f"{statistics.fmean(ev):.3f}" if ev else "-"
-        ov = " ".join(f"`{o}`" for o in r["overrides"]) or "(none)"
+        ov = _code_list(r["overrides"])
         lines.append(f"| {name} | {ov} | {len(r['fid_by_training_seed'])} {r['seed_kind']} | {m:.3f} ± {s:.3f} | "
                      f"{a:.3f} | {evs} |")
     return "\n".join(lines)
@@ -268,10 +278,8 @@ def docs_table(result: dict, names: list[str], arms_spec: dict) -> str:
     for name in names:
         r = result["arms"].get(name)
         need = arms_spec[name]["min_seeds"]
+        ov = _code_list(r["overrides"] if r else arm_overrides(arms_spec[name]))
         if r is None:
-            spec = arms_spec[name]
-            ov = " ".join(f"`{o}`" for o in ([f"--preset {spec['preset']}"] if spec.get("preset") else [])
-                          + spec["overrides"]) or "(none)"
             lines.append(f"| `{name}` | {DESCRIPTION.get(name, '')} | {ov} | 0 of {need} | not run yet | | | | "
                          f"{PAPER.get(name, '')} |")
             continue
@@ -279,7 +287,6 @@ def docs_table(result: dict, names: list[str], arms_spec: dict) -> str:
         m, s = _mean_std(fid)
         acc = statistics.fmean(r["label_accuracy_by_training_seed"])
         ev = r.get("eval_fid_std_by_training_seed")
-        ov = " ".join(f"`{o}`" for o in r["overrides"]) or "(none)"
         n = f"{len(fid)} {r['seed_kind']}" + (f" (of {need})" if len(fid) < need else "")
         std = f"{s:.3f}" if len(fid) > 1 else "-"
         evs = f"{statistics.fmean(ev):.3f}" if ev else "-"
