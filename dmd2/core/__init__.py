@@ -3,7 +3,7 @@ backward-simulation sampler, EMA and the objective. Everything works on CPU, any
 from .critic import CriticScheduler, Phase
 from .denoisers import CFGDenoiser, DiffusersDenoiser, EDMPrecond, cat_cond
 from .ema import EMA
-from .gan import FeatureHooks, GANHead
+from .gan import FeatureHooks, GANHead, shift_images
 from .losses import cfg, denoising_loss, dm_grad, dm_loss, gan_discriminator_loss, gan_generator_loss
 from .objective import DMD2, DMD2Config
 from .sampler import BackwardSimulationSampler, Simulated
@@ -12,7 +12,7 @@ from .schedules import EDMSchedule, NoiseSchedule, VPSchedule, expand_like
 __all__ = [
     "VPSchedule", "EDMSchedule", "NoiseSchedule", "expand_like",
     "dm_grad", "dm_loss", "cfg", "denoising_loss", "gan_generator_loss", "gan_discriminator_loss",
-    "GANHead", "FeatureHooks",
+    "GANHead", "FeatureHooks", "shift_images",
     "CriticScheduler", "Phase",
     "BackwardSimulationSampler", "Simulated",
     "EMA",

@@ -9,6 +9,8 @@ together with that backbone, to tell diffused real images from diffused generato
   layer (on a 1x1 map: the official 1x1 output conv); the per-map logits are summed.
 * :class:`FeatureHooks`: captures named submodule outputs with forward hooks (no patched ``forward``); a
   features-only pass ends the forward after the last tapped layer.
+* :func:`shift_images`: random integer translations of the images the discriminator sees (opt-in
+  ``DMD2Config.gan_shift``).
 """
 from __future__ import annotations
 
@@ -19,7 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GANHead", "FeatureHooks"]
+__all__ = ["GANHead", "FeatureHooks", "shift_images"]
+
+
+def shift_images(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` ``(B, C, H, W)`` with each image translated by integer offsets ``(dy, dx)``, each drawn uniformly from
+    ``[-max_shift, max_shift]`` (``dy`` for all images, then ``dx``, from ``generator``): ``out[b, :, i, j] =
+    x[b, :, clamp(i - dy_b), clamp(j - dx_b)]`` (edge pixels repeat into the gap). Differentiable in ``x``."""
+    if x.dim() != 4:
+        raise ValueError(f"shift_images: expected (B, C, H, W) images, got shape {tuple(x.shape)}")
+    if max_shift < 0:
+        raise ValueError(f"shift_images: max_shift must be >= 0, got {max_shift}")
+    b, c, h, w = x.shape
+    d = torch.randint(-max_shift, max_shift + 1, (2, b), generator=generator, device=x.device)
+    rows = (torch.arange(h, device=x.device)[None, :] - d[0][:, None]).clamp(0, h - 1)  # (B, H) source rows
+    cols = (torch.arange(w, device=x.device)[None, :] - d[1][:, None]).clamp(0, w - 1)  # (B, W) source columns
+    x = x.gather(2, rows[:, None, :, None].expand(b, c, h, w))
+    return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
 
 
 def _groups(channels: int, max_groups: int = 32, min_per_group: int = 8) -> int:

@@ -39,12 +39,13 @@ from .. import kernels
 
 from .critic import CriticScheduler
 from .denoisers import _expand_cond, cat_cond
-from .gan import FeatureHooks, GANHead
+from .gan import FeatureHooks, GANHead, shift_images
 from .losses import denoising_loss, dm_loss, gan_discriminator_loss, gan_generator_loss
 from .sampler import BackwardSimulationSampler
 from .schedules import NoiseSchedule
 
 __all__ = ["DMD2", "DMD2Config", "Samples"]
+
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,13 @@ class DMD2Config:
             Needs ``critic_min_frac/critic_max_frac == gan_min_frac/gan_max_frac`` so that each term keeps its
             marginal over ``t``; only the two terms then share noise (a change to the estimator whose effect on
             quality is unmeasured: opt-in).
+        gan_shift: translate every image the diffusion GAN sees (reals and fakes alike, in the generator's and the
+            critic's GAN terms) by an integer offset drawn per image and axis from ``[-gan_shift, gan_shift]``
+            pixels before it is noised: edge pixels repeat into the gap and the shift is differentiable, so the
+            generator's GAN gradient passes through it (the translation of DiffAugment, Zhao et al. 2020, a remedy
+            for a discriminator that outgrows little real data). ``0`` (default, the paper): off, and no draws.
+            Needs ``(B, C, H, W)`` images; not with ``gan_from_critic_pass`` (its fakes are the unshifted
+            denoising pass's).
         critic_fresh_samples: on generator turns, let the critic update generate fresh samples with the updated
             generator (this project's behaviour before the official one was adopted) instead of reusing the
             generator turn's detached, pre-update output (:attr:`DMD2.last_samples`; the official code's and the
@@ -95,6 +103,7 @@ class DMD2Config:
     fused_ops: bool = False
     noise_seed: int = 0
     gan_from_critic_pass: bool = False
+    gan_shift: int = 0
     critic_fresh_samples: bool = False
 
     def __post_init__(self):
@@ -108,6 +117,11 @@ class DMD2Config:
             raise ValueError("DMD2Config: gan_from_critic_pass reads the GAN's fake logits from the denoising pass, so "
                              "critic_min_frac/critic_max_frac must equal gan_min_frac/gan_max_frac; got "
                              f"({self.critic_min_frac}, {self.critic_max_frac}) vs ({self.gan_min_frac}, {self.gan_max_frac})")
+        if isinstance(self.gan_shift, bool) or not isinstance(self.gan_shift, int) or self.gan_shift < 0:
+            raise ValueError(f"DMD2Config: gan_shift must be an int >= 0 (pixels), got {self.gan_shift!r}")
+        if self.gan_shift and self.gan_from_critic_pass:
+            raise ValueError("DMD2Config: gan_shift shifts the GAN's images, but gan_from_critic_pass takes the fakes' "
+                             "features from the unshifted denoising pass; use one of them")
         for name in ("dm_weight", "gan_generator_weight", "gan_discriminator_weight"):
             if not getattr(self, name) >= 0 or math.isinf(getattr(self, name)):  # NaN fails ">= 0"
                 raise ValueError(f"DMD2Config: {name} must be finite and >= 0, got {getattr(self, name)}")
@@ -197,12 +211,14 @@ class DMD2:
         """Fake-score features (one tensor per tapped layer, batches concatenated) of each batch in ``xs`` at
         independent diffusion-GAN times, all in ONE features-only pass (conds joined with ``cat_cond``).
 
-        Per batch, in order: ``t' ~ U[gan_min_frac, gan_max_frac]`` then its noise (the same draws as one pass per
-        batch).
+        Per batch, in order: the ``gan_shift`` offsets (when on), ``t' ~ U[gan_min_frac, gan_max_frac]``, then its
+        noise (the same draws as one pass per batch).
         """
         c = self.config
         x_ts, ts = [], []
         for x in xs:
+            if c.gan_shift:
+                x = shift_images(x, c.gan_shift, generator)
             t = self.schedule.sample_t(x.shape[0], c.gan_min_frac, c.gan_max_frac, generator=generator, device=x.device)
             x_ts.append(self._add_noise(x, t, generator))
             ts.append(t)
