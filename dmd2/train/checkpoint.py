@@ -401,9 +401,11 @@ def read_weights(path: str | Path, names: Sequence[str]) -> dict[str, dict[str, 
     return {n: load_weights(path / f"{n}.safetensors") for n in names if (path / f"{n}.safetensors").is_file()}
 
 
-def read_checkpoint(path: str | Path, optimizers: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
-    """``(weights, state, config)`` of a checkpoint folder of either format that verifies (:func:`verify_checkpoint`),
-    on one process; ``state.pt`` is read with ``weights_only=True``. ``ValueError`` names the file (and tensor) when
+def read_checkpoint(path: str | Path, optimizers: bool = True,
+                    checksums: bool = True) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
+    """``(weights, state, config)`` of a checkpoint folder of either format that verifies (:func:`verify_checkpoint`;
+    sizes only with ``checksums=False``, for a caller that checked them), on one process; ``state.pt`` is read with
+    ``weights_only=True``. ``ValueError`` names the file (and tensor) when
     it does not verify, does not parse, or holds a non-finite floating-point value.
 
     A ``sharded`` checkpoint is consolidated (full tensors); its ``state["optimizers"]`` then has the ``full``
@@ -413,7 +415,7 @@ def read_checkpoint(path: str | Path, optimizers: bool = True) -> tuple[dict[str
     from .sharded import is_sharded, read_sharded
 
     path = Path(path)
-    verify_checkpoint(path)
+    verify_checkpoint(path, checksums=checksums)
     weights, state = {}, None
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)

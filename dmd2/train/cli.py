@@ -229,6 +229,23 @@ def check_resume_config(cfg: RecipeConfig, checkpoint: Path, world_size: int = 1
     return diff
 
 
+def choose_resume(out: Path, resume: str) -> Path | None:
+    """The checkpoint ``train.resume`` names, verified with its checksums: ``""`` -> None; ``"auto"`` -> the newest
+    one of ``out`` that verifies (None when there is none; ``ValueError`` when there are some and none verifies,
+    each skipped one printed as a warning); a path -> that folder (``ValueError`` when it does not verify)."""
+    from .checkpoint import latest_checkpoint, resolve_resume
+
+    if resume != "auto":
+        return resolve_resume(out, resume)
+    skipped = []
+    chosen = latest_checkpoint(out, report=lambda msg: skipped.append(msg) or print(f"warning: {msg}", file=sys.stderr,
+                                                                                      flush=True))
+    if chosen is None and skipped:
+        raise ValueError(f"--resume auto: no checkpoint in {out / 'checkpoints'} verifies ({len(skipped)} skipped, "
+                         "reasons above); pass --resume PATH, or move them away to start afresh")
+    return chosen
+
+
 def run_training(recipe: Recipe, cfg: RecipeConfig, allow_config_change: bool = False) -> int:
     """``train``: join the torchrun job if any, lock the run folder (rank 0), resolve and check ``train.resume``,
     build the components, train. Returns 0, or ``128 + signal`` when SIGTERM / SIGINT interrupted the run (a
@@ -236,8 +253,8 @@ def run_training(recipe: Recipe, cfg: RecipeConfig, allow_config_change: bool = 
     :attr:`Recipe.after_train` on rank 0 when the run completed."""
     import torch.distributed as dist
 
-    from .checkpoint import RunFolderLocked, hold_run_folder, latest_checkpoint, resolve_resume
-    from .distributed import any_rank, init_distributed
+    from .checkpoint import RunFolderLocked, hold_run_folder
+    from .distributed import any_rank, broadcast_object, init_distributed
     from .trainer import Trainer
 
     info = init_distributed(cfg.train.distributed, cfg.train.device)
@@ -252,15 +269,20 @@ def run_training(recipe: Recipe, cfg: RecipeConfig, allow_config_change: bool = 
                     refused = e
             if any_rank(refused is not None, info):
                 raise refused or RunFolderLocked(f"run folder {out} is in use by another run (see rank 0)")
-            if cfg.train.resume == "auto":
-                skipped = []
-                resume = latest_checkpoint(out, report=lambda msg: skipped.append(msg) or (
-                    info.is_main and print(f"warning: {msg}", file=sys.stderr, flush=True)))
-                if resume is None and skipped:
-                    raise ValueError(f"--resume auto: no checkpoint in {out / 'checkpoints'} verifies ({len(skipped)} "
-                                     f"skipped, reasons above); pass --resume PATH, or move them away to start afresh")
-            else:
-                resume = resolve_resume(out, cfg.train.resume)
+            # rank 0 chooses (and checksums) the checkpoint once; the others take its choice, or its refusal
+            resume, refusal = None, None
+            if info.is_main:
+                try:
+                    resume = choose_resume(out, cfg.train.resume)
+                except ValueError as e:
+                    refusal = e
+            chosen, message = broadcast_object((None if resume is None else str(resume),
+                                                None if refusal is None else str(refusal)), info)
+            if refusal is not None:
+                raise refusal
+            if message is not None:
+                raise ValueError(f"{message} (rank 0)")
+            resume = None if chosen is None else Path(chosen)
             if resume is not None:
                 diff = check_resume_config(cfg, resume, info.world_size, allow_config_change, recipe.module)
                 if diff and info.is_main:
@@ -269,7 +291,7 @@ def run_training(recipe: Recipe, cfg: RecipeConfig, allow_config_change: bool = 
             torch.manual_seed(cfg.train.seed)
             components = recipe.build(cfg, info)
             trainer = Trainer(cfg, components, info, out, recipe=recipe.module)
-            last = trainer.train(resume)
+            last = trainer.train(resume, verified=True)
             result = TrainResult(last, trainer.step, trainer.interrupted is None and trainer.step >= cfg.train.max_steps)
     finally:
         if dist.is_initialized():

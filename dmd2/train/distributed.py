@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "init_distributed", "exit_process", "wrap_trained", "shard_frozen", "Trainable", "is_fsdp",
-           "barrier", "all_reduce_mean", "any_rank", "all_gather_rows", "full_tensor",
+           "barrier", "all_reduce_mean", "any_rank", "broadcast_object", "all_gather_rows", "full_tensor",
            "gradient_sync"]
 
 
@@ -257,6 +257,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control_group)
     return bool(t.item())
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` (any picklable value) on every rank (the CPU gloo control group); ``obj`` itself when alone."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=info.control_group)
+    return box[0]
 
 
 def all_gather_rows(row: torch.Tensor, info: DistInfo) -> torch.Tensor:

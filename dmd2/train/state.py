@@ -131,24 +131,25 @@ class TrainState:
         return path
 
     # -- load --------------------------------------------------------------------------------------------------
-    def load(self, path: str | Path) -> int:
+    def load(self, path: str | Path, checksums: bool = True) -> int:
         """Restore everything from a checkpoint folder of either format (any world size); returns its iteration.
         A ``sharded`` one fills each rank's shards from the pieces that overlap them; a ``full`` one is read whole on
-        every rank."""
+        every rank. The folder must verify (:func:`~dmd2.train.checkpoint.verify_checkpoint`): file sizes always,
+        SHA-256 checksums with ``checksums`` (a full checkpoint's; the caller checked them when False)."""
         from . import sharded
 
         if sharded.is_sharded(path):
-            ckpt.verify_checkpoint(path, checksums=False)  # sizes; --resume verified the checksums
+            ckpt.verify_checkpoint(path, checksums=checksums)
             state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
             sharded.load_sharded(path, state, self.modules, self.optimizers, self.ema)
         else:
-            state = self._load_full(path)
+            state = self._load_full(path, checksums)
         return self._load_run_state(state)
 
-    def _load_full(self, path: str | Path) -> dict:
+    def _load_full(self, path: str | Path, checksums: bool) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-        weights, state, _ = ckpt.read_checkpoint(path)
+        weights, state, _ = ckpt.read_checkpoint(path, checksums=checksums)
         fsdp = self.info.mode == "fsdp2"
         opts = StateDictOptions(full_state_dict=True)
         for name, module in self.modules.items():

@@ -287,9 +287,10 @@ class Trainer:
         return self.state.save(self.out, self.step, resolve_format(t.checkpoint_format, self.info),
                                config_to_json(self.cfg, self.recipe), t.keep_last)
 
-    def load(self, path: str | Path) -> None:
-        """Restore everything from a checkpoint folder of either format, written on any number of ranks."""
-        self.step = self.state.load(path)
+    def load(self, path: str | Path, checksums: bool = True) -> None:
+        """Restore everything from a checkpoint folder of either format, written on any number of ranks
+        (``checksums=False``: the caller verified them, e.g. :func:`~dmd2.train.run_training`)."""
+        self.step = self.state.load(path, checksums=checksums)
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -297,8 +298,9 @@ class Trainer:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self._stop_signal = signum
 
-    def train(self, resume: str | Path | None = None) -> Path | None:
-        """Run to ``train.max_steps`` (resuming from ``resume``, a checkpoint folder, if given).
+    def train(self, resume: str | Path | None = None, verified: bool = False) -> Path | None:
+        """Run to ``train.max_steps`` (resuming from ``resume``, a checkpoint folder, if given; ``verified``: its
+        checksums were checked already, so loading checks file sizes only).
 
         Rank 0 holds the run folder's lock (:func:`~dmd2.train.checkpoint.hold_run_folder`) throughout and first
         deletes stale ``.tmp`` / ``.trash`` checkpoint folders. Checkpoints every ``checkpoint_every`` iterations and at
@@ -318,7 +320,7 @@ class Trainer:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     stack.callback(signal.signal, sig, signal.signal(sig, self._on_signal))
             if resume is not None:
-                self.load(resume)
+                self.load(resume, checksums=not verified)
             self.monitor = RunMonitor(self.out, self.info.is_main, self.step, t.max_steps, progress=t.progress,
                                       loggers=t.logger_names(), config=config_to_dict(self.cfg))
             stack.callback(self.monitor.close)

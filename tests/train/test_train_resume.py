@@ -1,11 +1,13 @@
 """Single-process engine properties: exact resume (and its negative control), write-then-rename, keep-last-K,
 SIGTERM, NaN stop, bf16 autocast, gradient checkpointing."""
 import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,6 +115,28 @@ def test_crash_between_write_and_rename(straight, tmp_path, monkeypatch):
     assert not (out / "checkpoints" / f"checkpoint-{N:08d}.tmp").exists()
     assert_tree_equal(weights(straight, N)[0], weights(out, N)[0])
     assert losses(log_records(out)) == losses(log_records(straight))
+
+
+def test_resume_checksums_each_file_once(straight, tmp_path, monkeypatch):
+    """``--resume auto`` reads every byte of the chosen checkpoint once: the CLI verifies its checksums, the load
+    checks sizes only (reading it twice cost seconds for MNIST, tens of seconds for SDXL)."""
+    import shutil
+
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(straight / "checkpoints", out / "checkpoints")
+    shutil.rmtree(out / "checkpoints" / f"checkpoint-{N:08d}")
+    hashed = []
+    real = ckpt._sha256
+    monkeypatch.setattr(ckpt, "_sha256", lambda f: hashed.append(Path(f).name) or real(f))
+    run_inprocess(out, f"train.max_steps={N}", "--resume", "auto")
+    def listed(step):
+        return sorted(json.loads((ckpt.checkpoint_path(out, step) / ckpt.MANIFEST).read_text())["files"])
+
+    # the resumed checkpoint's files once each, then the files of the one written at N (its manifest)
+    assert sorted(hashed[:len(listed(N // 2))]) == listed(N // 2), hashed
+    assert sorted(hashed[len(listed(N // 2)):]) == listed(N), hashed
+    assert_tree_equal(weights(straight, N)[0], weights(out, N)[0])
 
 
 def test_keep_last(tmp_path):
