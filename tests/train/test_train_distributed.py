@@ -85,6 +85,26 @@ def test_ddp_exact_resume_and_negative_control(runs, tmp_path):
     assert max((g_a[k] - g_n[k]).abs().max().item() for k in g_a) > 1e-4
 
 
+def test_a_refused_resume_stops_every_rank(runs, tmp_path):
+    """Rank 0 alone verifies the checkpoint; its refusal reaches rank 1, so both exit with the reason (no rank waits
+    for a collective the other never joins)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(runs["ddp_half"], bad)
+    for _, folder in ckpt.list_checkpoints(bad):  # (an earlier test may have resumed the run to N)
+        f = folder / "generator.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0xFF  # same size, another checksum
+        f.write_bytes(bytes(data))
+    before = len(log_records(bad))
+    proc = torchrun(bad, f"train.max_steps={2 * N}", "train.distributed=ddp", "--resume", "auto", check=False,
+                    timeout=300)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "SHA-256 differs from the manifest" in err, err[-3000:]
+    assert "no checkpoint in" in err and "(rank 0)" in err, err[-3000:]  # rank 1's line names its source
+    assert len(log_records(bad)) == before  # nothing trained
+
+
 def test_fsdp2_checkpoint_resumes_on_one_rank(runs):
     half = runs["fsdp2_half"]
     _, state = weights(half, N // 2)
