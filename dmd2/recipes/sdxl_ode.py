@@ -371,7 +371,7 @@ def ode_pretrain(cfg, pairs: str | Path, info=None) -> Path:
     from ..train.distributed import DistInfo, all_reduce_mean, wrap_trained
     from ..train.monitor import RunMonitor
     from ..train.metrics import NonFiniteError
-    from ..train.trainer import _adamw
+    from ..train.trainer import _adamw, warmup_factor
     from .sdxl import base_path, grid
 
     info = info or DistInfo()
@@ -447,7 +447,7 @@ def ode_pretrain(cfg, pairs: str | Path, info=None) -> Path:
                     (loss / accum).backward()
                 acc += torch.stack([loss.detach(), torch.ones((), device=dev)])
                 bad += (~torch.isfinite(loss.detach())).float()
-            lr = t.lr_generator * (1.0 if t.warmup_steps == 0 else min(1.0, (step + 1) / t.warmup_steps))
+            lr = t.lr_generator * warmup_factor(step, t.warmup_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf, foreach=True)

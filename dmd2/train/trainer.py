@@ -41,7 +41,13 @@ from .randomness import CRITIC, GENERATOR, KeyedStreams
 from .state import TrainState, resolve_format
 from .wrapping import wrap_networks
 
-__all__ = ["Components", "Trainer"]
+__all__ = ["Components", "Trainer", "warmup_factor"]
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The learning-rate factor of iteration ``step`` (0-based): linear warm-up ``min(1, (step + 1) / warmup_steps)``,
+    then constant (1 throughout when ``warmup_steps`` is 0)."""
+    return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
 
 
 @dataclass
@@ -168,9 +174,8 @@ class Trainer:
         return shard, g
 
     def lr_factor(self, step: int) -> float:
-        """Constant with linear warmup: ``min(1, (step + 1) / warmup_steps)``."""
-        w = self.cfg.train.warmup_steps
-        return 1.0 if w == 0 else min(1.0, (step + 1) / w)
+        """Constant with linear warmup (:func:`warmup_factor` of ``train.warmup_steps``)."""
+        return warmup_factor(step, self.cfg.train.warmup_steps)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
