@@ -13,6 +13,8 @@ Commands::
     python benchmarks/mnist_gan.py weak-teacher                   # train + evaluate the weak teacher (once)
     python benchmarks/mnist_gan.py collect                        # -> docs/results/mnist_gan.json
     python benchmarks/mnist_gan.py table                          # markdown table from that JSON (stdout)
+    python benchmarks/mnist_gan.py paired --arms long_dmd2,long_no_gan --eval-seeds 0-11
+                                    # students vs the teacher's ODE on the same 12 eval seeds -> mnist_gan_paired.json
     python benchmarks/mnist_gan.py docs                           # regenerate the tables in docs/mnist.md, README.md
 
 ``run`` is idempotent: a run whose ``metrics.json`` exists is skipped, a run with checkpoints but no metrics resumes
@@ -195,6 +197,81 @@ def collect(root: Path) -> dict:
     return result
 
 
+PAIRED = REPO / "docs" / "results" / "mnist_gan_paired.json"
+
+
+def _fid_per_seed(cache: Path, sample_fn, seeds: list[int]) -> list[float]:
+    """FID per evaluation seed (N = 1,000 each, the `evaluate` protocol for one seed) of ``sample_fn()``'s sampler,
+    cached per seed in ``cache`` (JSON ``{seed: fid}``) so an interrupted pass resumes."""
+    from dmd2.eval.fid_mnist import evaluate_sampler
+
+    done = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
+    sampler = None
+    for seed in seeds:
+        if seed in done:
+            continue
+        sampler = sampler or sample_fn()
+        done[seed] = evaluate_sampler(sampler, seeds=(seed,)).fid[0]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({str(k): done[k] for k in sorted(done)}, indent=1) + "\n")
+    return [done[s] for s in seeds]
+
+
+def paired(root: Path, names: list[str], eval_seeds: list[int], threads: int) -> dict:
+    """Each arm's students (final EMA, 1 step) and the shipped teacher's 35-NFE ODE on the SAME evaluation seeds
+    (same labels, same seeded noise), one FID per seed: a paired comparison whose per-seed sampling noise is shared."""
+    import torch
+
+    from dmd2.eval.samplers import heun_sampler
+    from dmd2.recipes import mnist
+    from dmd2.recipes.mnist_teacher import DEFAULT_TEACHER, load_teacher
+    from dmd2.train import load_generator
+
+    torch.set_num_threads(threads)
+    teacher = _fid_per_seed(root / "paired" / "teacher_ode.json",
+                            lambda: heun_sampler(load_teacher(DEFAULT_TEACHER), mnist.IMAGE_SHAPE, 18), eval_seeds)
+    out = {"protocol": "dmd2.eval.fid_mnist, one evaluation seed per FID (N=1000, 100/class); students: final EMA "
+                       "checkpoint, 1 step; teacher: the shipped one, EDM Heun 18 steps (35 NFE)",
+           "eval_seeds": eval_seeds, "teacher_ode": teacher, "arms": {}}
+    for name in names:
+        students = {}
+        for d in sorted((root / name).glob("seed-*"), key=lambda p: int(p.name.split("-")[1])):
+            if not (d / "metrics.json").is_file():
+                continue  # still training
+
+            def sampler(d=d):
+                g = load_generator(d, weights="ema", recipe=mnist.RECIPE)
+                return mnist.student_sampler(g.denoiser, g.sampler, 1)
+
+            students[d.name.split("-")[1]] = _fid_per_seed(d / "paired.json", sampler, eval_seeds)
+        out["arms"][name] = {"fid_by_training_seed_and_eval_seed": students}
+    return out
+
+
+def paired_summary(res: dict) -> list[str]:
+    """Per arm: the per-eval-seed difference (mean over training seeds minus the teacher), its mean, its standard
+    error over eval seeds, and in how many seeds the students are lower."""
+    teacher, lines = res["teacher_ode"], []
+    n = len(teacher)
+    tm, ts = _mean_std(teacher)
+    lines.append(f"`teacher_ode`: {tm:.3f} ± {ts:.3f} over {n} evaluation seeds (std of one seed's FID); a 3-seed "
+                 f"mean, as `evaluate` reports, has std ≈ {ts / math.sqrt(3):.3f}")
+    for name, r in res["arms"].items():
+        per = r["fid_by_training_seed_and_eval_seed"]
+        if not per:
+            continue
+        student = [statistics.fmean(v[i] for v in per.values()) for i in range(n)]
+        diff = [a - b for a, b in zip(student, teacher)]
+        dm, ds = _mean_std(diff)
+        se = ds / math.sqrt(n)
+        lower = sum(d < 0 for d in diff)
+        sm, _ = _mean_std(student)
+        lines.append(f"`{name}` ({len(per)} training seeds) minus `teacher_ode`, paired over {n} evaluation seeds: "
+                     f"{dm:+.3f} ± {se:.3f} (standard error; {dm / se:+.1f} se), students lower in {lower} of {n} "
+                     f"seeds (students {sm:.3f}, teacher {tm:.3f})")
+    return lines
+
+
 def _code_list(items: list[str]) -> str:
     """Markdown: each item as code, space-separated; ``(none)`` for an empty list."""
     return " ".join(f"`{o}`" for o in items) or "(none)"
@@ -307,12 +384,16 @@ def docs_table(result: dict, names: list[str], arms_spec: dict) -> str:
     return "\n".join(lines)
 
 
-def docs_block(result: dict, arms_spec: dict, sweep: bool) -> str:
+def docs_block(result: dict, arms_spec: dict, sweep: bool, paired_result: dict | None = None) -> str:
     parts = [BEGIN, "", docs_table(result, MAIN_ARMS, arms_spec), ""]
     if sweep:
         parts += ["GAN balance (generator weight 3e-3 x m, discriminator weight 1e-2 x m; tapped features):", "",
                   docs_table(result, SWEEP_ARMS, arms_spec), ""]
     parts += [f"- {g}" for g in goals(result)]
+    if paired_result is not None:
+        parts += ["", f"Paired over evaluation seeds (`paired`, docs/results/{PAIRED.name}: the same labels and seeded "
+                      "noise for students and teacher, one FID per seed):", ""]
+        parts += [f"- {line}." for line in paired_summary(paired_result)]
     parts += ["", "Seeds: training seeds (`train.seed`) for student rows, each the mean over evaluation seeds 0, 1, 2 "
               "of FID at N = 1,000 (the eval-seed std column is that spread, averaged over training seeds); sampling "
               "seeds for teacher rows. Combined std: sqrt(std_a^2 + std_b^2).", END]
@@ -331,13 +412,14 @@ def write_block(path: Path, block: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["list", "run", "weak-teacher", "collect", "table", "docs"])
+    p.add_argument("command", choices=["list", "run", "weak-teacher", "collect", "table", "docs", "paired"])
     p.add_argument("--root", default=str(REPO / "runs" / "mnist_gan"), help="where the run folders live")
     p.add_argument("--arms", default="dmd2,no_gan", help="comma-separated arm names (see `list`)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one process each)")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per run")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--eval-seeds", default="0-11", help="`paired`: evaluation seeds, FIRST-LAST or comma-separated")
     a = p.parse_args(argv)
     root = Path(a.root)
     known = arms(root)
@@ -363,6 +445,19 @@ def main(argv: list[str] | None = None) -> int:
             if known[n]["kind"] == "teacher":  # its figures come with its teacher.json (`collect` reads them)
                 print(f"{n}: a teacher arm, read by `collect` from its teacher.json (the weak one: `weak-teacher`)")
         return 0
+    if a.command == "paired":
+        names = [n for n in a.arms.split(",") if n]
+        bad = [n for n in names if n not in known or known[n]["kind"] != "student"]
+        if bad:
+            print(f"error: `paired` takes student arms, got {bad}", file=sys.stderr)
+            return 2
+        lo, _, hi = a.eval_seeds.partition("-")
+        seeds = list(range(int(lo), int(hi) + 1)) if hi else [int(v) for v in a.eval_seeds.split(",")]
+        res = paired(root, names, seeds, a.threads)
+        PAIRED.write_text(json.dumps(res, indent=1) + "\n")
+        print(f"wrote {PAIRED}")
+        print("\n".join(paired_summary(res)))
+        return 0
     if a.command == "collect":
         res = collect(root)
         Path(a.results).parent.mkdir(parents=True, exist_ok=True)
@@ -371,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     res = json.loads(Path(a.results).read_text())
     if a.command == "docs":
+        pr = json.loads(PAIRED.read_text()) if PAIRED.is_file() else None
         for path, sweep in ((REPO / "docs" / "mnist.md", True), (REPO / "README.md", False)):
-            write_block(path, docs_block(res, known, sweep))
+            write_block(path, docs_block(res, known, sweep, pr))
             print(f"wrote the generated block of {path}")
         return 0
     print(table(res))

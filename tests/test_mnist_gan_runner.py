@@ -91,3 +91,35 @@ def test_docs_rewrites_only_the_generated_block(runner, tmp_path):
     (tmp_path / "bare.md").write_text("no markers\n")
     with pytest.raises(ValueError, match="expected one"):
         runner.write_block(tmp_path / "bare.md", "x")
+
+
+def test_paired_summary_differences_per_eval_seed(runner):
+    res = {"teacher_ode": [0.20, 0.18, 0.22, 0.16],
+           "arms": {"long_dmd2": {"fid_by_training_seed_and_eval_seed": {"0": [0.15, 0.17, 0.19, 0.13],
+                                                                        "1": [0.17, 0.15, 0.21, 0.15]}},
+                    "long_no_gan": {"fid_by_training_seed_and_eval_seed": {}}}}
+    lines = runner.paired_summary(res)
+    assert len(lines) == 2  # the teacher line and one arm (an arm without finished seeds is left out)
+    # students' mean per seed 0.16, 0.16, 0.20, 0.14 -> differences -0.04, -0.02, -0.02, -0.02
+    diff = [-0.04, -0.02, -0.02, -0.02]
+    se = statistics.stdev(diff) / 2
+    assert f"{statistics.fmean(diff):+.3f} ± {se:.3f}" in lines[1]
+    assert "lower in 4 of 4 seeds" in lines[1] and "(2 training seeds)" in lines[1]
+    assert f"{statistics.stdev(res['teacher_ode']):.3f} over 4 evaluation seeds" in lines[0]
+
+
+def test_fid_per_seed_is_cached_per_seed(runner, tmp_path, monkeypatch):
+    import types
+
+    calls = []
+
+    def fake_eval(sampler, seeds):
+        calls.append(seeds)
+        return types.SimpleNamespace(fid=(float(seeds[0]) / 10,))
+
+    import dmd2.eval.fid_mnist as fm
+    monkeypatch.setattr(fm, "evaluate_sampler", fake_eval)
+    cache = tmp_path / "c.json"
+    assert runner._fid_per_seed(cache, lambda: object(), [0, 1]) == [0.0, 0.1]
+    assert runner._fid_per_seed(cache, lambda: object(), [0, 1, 2]) == [0.0, 0.1, 0.2]
+    assert calls == [(0,), (1,), (2,)]  # seeds 0 and 1 were read back, not evaluated again
