@@ -123,3 +123,21 @@ def test_fid_per_seed_is_cached_per_seed(runner, tmp_path, monkeypatch):
     assert runner._fid_per_seed(cache, lambda: object(), [0, 1]) == [0.0, 0.1]
     assert runner._fid_per_seed(cache, lambda: object(), [0, 1, 2]) == [0.0, 0.1, 0.2]
     assert calls == [(0,), (1,), (2,)]  # seeds 0 and 1 were read back, not evaluated again
+
+
+def test_collect_takes_the_teachers_sampling_seeds_from_the_paired_pass(runner, tmp_path):
+    paired = tmp_path / "paired.json"
+    paired.write_text(json.dumps({"eval_seeds": [0, 1, 2, 3], "teacher_ode": [0.17, 0.19, 0.15, 0.16], "arms": {}}))
+    res = runner.collect(tmp_path, paired)
+    t = res["arms"]["teacher_ode"]
+    assert t["fid_by_training_seed"] == [0.17, 0.19, 0.15, 0.16] and t["seeds"] == [0, 1, 2, 3]
+    assert t["seed_kind"] == "sampling" and "paired.json" in t["source"]
+    assert len(res["arms"]["weak_teacher_ode"]["fid_by_training_seed"]) == 3  # still its teacher.json
+    assert len(runner.collect(tmp_path)["arms"]["teacher_ode"]["fid_by_training_seed"]) == 3  # no paired file
+
+
+def test_paired_summary_reports_each_training_seed(runner):
+    res = {"teacher_ode": [0.2, 0.2], "arms": {"a": {"fid_by_training_seed_and_eval_seed": {"0": [0.1, 0.1],
+                                                                                           "1": [0.15, 0.15]}}}}
+    line = runner.paired_summary(res)[1]
+    assert "per training seed -0.100, -0.050" in line and f"std over training seeds {statistics.stdev([-0.1, -0.05]):.3f}" in line
