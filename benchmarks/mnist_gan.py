@@ -285,6 +285,15 @@ def paired_summary(res: dict) -> list[str]:
                      f"{dm:+.3f} ± {se:.3f} (standard error; {f'{dm / se:+.1f} se' if se > 0 else 'no spread'}), students lower in {lower} of {n} "
                      f"seeds (students {sm:.3f}, teacher {tm:.3f}); per training seed "
                      f"{', '.join(f'{d:+.3f}' for d in by_seed)}{spread}")
+    means = {name: [statistics.fmean(v[i] for v in r["fid_by_training_seed_and_eval_seed"].values()) for i in range(n)]
+             for name, r in res["arms"].items() if r["fid_by_training_seed_and_eval_seed"]}
+    names = list(means)
+    for other in names[1:]:  # the first arm against each other one, on the same evaluation seeds
+        diff = [a - b for a, b in zip(means[names[0]], means[other])]
+        dm, ds = _mean_std(diff)
+        lines.append(f"`{names[0]}` minus `{other}` (means over their training seeds), paired over {n} evaluation "
+                     f"seeds: {dm:+.3f} ± {ds / math.sqrt(n):.3f} (standard error), lower in "
+                     f"{sum(d < 0 for d in diff)} of {n} seeds; training-seed spread: see the table")
     return lines
 
 

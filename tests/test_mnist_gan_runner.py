@@ -141,3 +141,12 @@ def test_paired_summary_reports_each_training_seed(runner):
                                                                                            "1": [0.15, 0.15]}}}}
     line = runner.paired_summary(res)[1]
     assert "per training seed -0.100, -0.050" in line and f"std over training seeds {statistics.stdev([-0.1, -0.05]):.3f}" in line
+
+
+def test_paired_summary_compares_the_first_arm_with_the_others(runner):
+    res = {"teacher_ode": [0.2, 0.3, 0.2],
+           "arms": {"a": {"fid_by_training_seed_and_eval_seed": {"0": [0.1, 0.2, 0.1]}},
+                    "b": {"fid_by_training_seed_and_eval_seed": {"0": [0.2, 0.2, 0.2], "1": [0.2, 0.4, 0.2]}}}}
+    last = runner.paired_summary(res)[-1]
+    # b's per-seed means 0.2, 0.3, 0.2 -> a minus b: -0.1, -0.1, -0.1
+    assert last.startswith("`a` minus `b`") and "-0.100 ± 0.000" in last and "lower in 3 of 3 seeds" in last
