@@ -89,8 +89,16 @@ def _sha256(path: Path) -> str:
 def verify_checkpoint(path: str | Path, checksums: bool = True) -> None:
     """Raise ``ValueError`` (the reason, naming the folder and file) unless ``path`` is a complete checkpoint: its
     ``manifest.json`` parses, lists the required files, and every listed file has the listed size and (when
-    ``checksums``, reading every byte) SHA-256. Files the manifest does not list are not trusted either."""
+    ``checksums``, reading every byte) SHA-256. Files the manifest does not list are not trusted either. A folder
+    that vanishes while it is read (a running job pruning it, ``train.keep_last``) is a ``ValueError`` too."""
     path = Path(path)
+    try:
+        _verify(path, checksums)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise ValueError(f"{path}: disappeared while it was read (pruned by a running job?): {e.filename}") from None
+
+
+def _verify(path: Path, checksums: bool) -> None:
     if not path.is_dir():
         raise ValueError(f"{path}: not a checkpoint folder (it does not exist or is not a directory)")
     man = path / MANIFEST

@@ -139,6 +139,30 @@ def test_resume_checksums_each_file_once(straight, tmp_path, monkeypatch):
     assert_tree_equal(weights(straight, N)[0], weights(out, N)[0])
 
 
+def test_a_checkpoint_pruned_while_it_is_read_is_skipped(straight, tmp_path, monkeypatch):
+    """A running job prunes (``keep_last``) by renaming then deleting; a reader listing the folder at that moment
+    (a resume, ``load_generator``, a watcher) skips the vanished checkpoint instead of crashing."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    doomed = ckpt.checkpoint_path(out, N)
+    real = ckpt._files
+
+    def pruned_meanwhile(folder):
+        if Path(folder) == doomed and doomed.exists():
+            shutil.rmtree(doomed)  # what the pruning job does between our listing and our read
+        return real(folder)
+
+    monkeypatch.setattr(ckpt, "_files", pruned_meanwhile)
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [N // 2]
+    shutil.copytree(straight / "checkpoints" / doomed.name, doomed)
+    with pytest.raises(ValueError, match="disappeared while it was read"):
+        ckpt.verify_checkpoint(doomed)
+    shutil.copytree(straight / "checkpoints" / doomed.name, doomed)
+    assert ckpt.latest_checkpoint(out, report=lambda msg: None) == ckpt.checkpoint_path(out, N // 2)
+
+
 def test_keep_last(tmp_path):
     out = run_inprocess(tmp_path / "run", "train.max_steps=8", "train.checkpoint_every=2", "train.keep_last=2")
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [6, 8]
