@@ -47,7 +47,6 @@ from .schedules import NoiseSchedule
 __all__ = ["DMD2", "DMD2Config", "Samples"]
 
 
-
 @dataclass(frozen=True)
 class DMD2Config:
     """Weights and noise ranges of the objective (paper values in the recipes' presets).

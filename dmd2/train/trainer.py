@@ -303,9 +303,9 @@ class Trainer:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self._stop_signal = signum
 
-    def train(self, resume: str | Path | None = None, verified: bool = False) -> Path | None:
-        """Run to ``train.max_steps`` (resuming from ``resume``, a checkpoint folder, if given; ``verified``: its
-        checksums were checked already, so loading checks file sizes only).
+    def train(self, resume: str | Path | None = None, checksums: bool = True) -> Path | None:
+        """Run to ``train.max_steps`` (resuming from ``resume``, a checkpoint folder, if given; ``checksums=False``:
+        its checksums were checked already, so loading checks file sizes only).
 
         Rank 0 holds the run folder's lock (:func:`~dmd2.train.checkpoint.hold_run_folder`) throughout and first
         deletes stale ``.tmp`` / ``.trash`` checkpoint folders. Checkpoints every ``checkpoint_every`` iterations and at
@@ -325,7 +325,7 @@ class Trainer:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     stack.callback(signal.signal, sig, signal.signal(sig, self._on_signal))
             if resume is not None:
-                self.load(resume, checksums=not verified)
+                self.load(resume, checksums=checksums)
             self.monitor = RunMonitor(self.out, self.info.is_main, self.step, t.max_steps, progress=t.progress,
                                       loggers=t.logger_names(), config=config_to_dict(self.cfg))
             stack.callback(self.monitor.close)
